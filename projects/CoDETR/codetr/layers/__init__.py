@@ -1,0 +1,20 @@
+"""Detector-independent building blocks: box ops, position embeddings, deformable attention,
+soft-NMS and MLPs."""
+
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .mlp import MLP
+from .ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from .position_encoding import SinePositionEmbedding, box_sine_embedding
+from .soft_nms import batched_soft_nms
+
+__all__ = [
+    "box_cxcywh_to_xyxy",
+    "box_xyxy_to_cxcywh",
+    "inverse_sigmoid",
+    "MLP",
+    "MultiScaleDeformableAttention",
+    "multi_scale_deformable_attention",
+    "SinePositionEmbedding",
+    "box_sine_embedding",
+    "batched_soft_nms",
+]

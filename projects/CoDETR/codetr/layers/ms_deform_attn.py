@@ -1,0 +1,242 @@
+"""Multi-scale deformable attention (Deformable DETR), pure PyTorch."""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
+
+
+def multi_scale_deformable_attention(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """
+    Reference computation of multi-scale deformable attention: every head of every query
+    bilinearly samples its value maps at its sampling points (zero outside the maps, pixel
+    centres at half-integers, i.e. ``grid_sample(align_corners=False)``) and sums the samples
+    weighted by the attention weights.
+
+    Args:
+        value: (B, S, H, Dh) values of H heads, S = sum over levels of h * w, levels
+            flattened row-major one after the other.
+        spatial_shapes: (L, 2) long, (h, w) of each level.
+        sampling_locations: (B, Q, H, L, P, 2) normalised (x, y), (0, 0) the top-left corner
+            and (1, 1) the bottom-right corner of each level.
+        attention_weights: (B, Q, H, L, P).
+
+    Returns:
+        (B, Q, H * Dh), heads concatenated.
+    """
+    batch_size, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    level_shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value_per_level = value.split([h * w for h, w in level_shapes], dim=1)
+    # grid_sample expects coordinates in [-1, 1]
+    sampling_grids = 2 * sampling_locations - 1
+    sampled_per_level = []
+    for level, (height, width) in enumerate(level_shapes):
+        # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
+        value_level = (
+            value_per_level[level]
+            .flatten(2)
+            .transpose(1, 2)
+            .reshape(batch_size * num_heads, head_dim, height, width)
+        )
+        # (B, Q, H, P, 2) -> (B*H, Q, P, 2)
+        grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        # (B*H, Dh, Q, P)
+        sampled_per_level.append(
+            F.grid_sample(
+                value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        )
+    # (B, Q, H, L, P) -> (B*H, 1, Q, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch_size * num_heads, 1, num_queries, num_levels * num_points
+    )
+    # (B*H, Dh, Q, L*P) -> (B, H*Dh, Q)
+    output = (torch.stack(sampled_per_level, dim=-2).flatten(-2) * weights).sum(-1)
+    output = output.view(batch_size, num_heads * head_dim, num_queries)
+    return output.transpose(1, 2).contiguous()
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """
+    Deformable attention over a multi-level feature pyramid: each query predicts, per head,
+    ``num_points`` sampling offsets around its reference point on every level and softmax
+    weights over all ``num_levels * num_points`` samples. Returns ``output_proj`` of the
+    attended values only: position embedding, residual and dropout are the caller's.
+    """
+
+    def __init__(
+        self, *, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4
+    ):
+        """
+        Args:
+            embed_dim: channels of queries, values and output.
+            num_heads: attention heads; must divide ``embed_dim``.
+            num_levels: feature levels attended.
+            num_points: sampling points per head and level.
+        """
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        num_samples = num_heads * num_levels * num_points
+        self.sampling_offsets = nn.Linear(embed_dim, num_samples * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_samples)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """
+        Deformable DETR's initialisation: zero offset weights with a bias placing the points of
+        head k along direction 2*pi*k/num_heads (scaled so the larger of |x|, |y| is 1) at
+        distances 1..num_points, zero attention-weight layer (uniform weights), and
+        xavier-uniform value / output projections with zero bias.
+        """
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        # (H, L, P, 2): point p of every level at distance p + 1 along the head's direction
+        distances = torch.arange(1, self.num_points + 1, dtype=torch.float32)
+        grid = directions[:, None, None, :] * distances[None, None, :, None]
+        grid = grid.expand(self.num_heads, self.num_levels, self.num_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        value: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        value_padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: (B, Q, C) queries, position embedding already added.
+            value: (B, S, C) flattened multi-level features, S = sum of h * w.
+            reference_points: (B, Q, L, 2) normalised (x, y) points, or (B, Q, L, 4)
+                normalised (cx, cy, w, h) boxes, per level.
+            spatial_shapes: (L, 2) long, (h, w) of each level.
+            level_start_index: (L,) long, start of each level in S (for fused kernels).
+            value_padding_mask: (B, S) bool, True at padding positions (their values are
+                zeroed), or None.
+
+        Returns:
+            (B, Q, C).
+        """
+        batch_size, num_queries, num_values = self._check_inputs(
+            query, value, reference_points, spatial_shapes, level_start_index, value_padding_mask
+        )
+        value = self.value_proj(value)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        value = value.view(batch_size, num_values, self.num_heads, -1)
+        sampling_offsets = self.sampling_offsets(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+        )
+        attention_weights = self.attention_weights(query).view(
+            batch_size, num_queries, self.num_heads, self.num_levels * self.num_points
+        )
+        attention_weights = attention_weights.softmax(-1).view(
+            batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
+        )
+        # (B, Q, 1, L, 1, 2 or 4)
+        references = reference_points[:, :, None, :, None, :]
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: (w, h) -> normalised units
+            level_sizes = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            sampling_locations = references + sampling_offsets / level_sizes[:, None, :]
+        else:
+            # offsets are relative to the half box size, spread over num_points
+            sampling_locations = (
+                references[..., :2] + sampling_offsets / self.num_points * references[..., 2:] * 0.5
+            )
+        output = multi_scale_deformable_attention(
+            value, spatial_shapes, sampling_locations, attention_weights
+        )
+        return self.output_proj(output)
+
+    def _check_inputs(
+        self,
+        query: Tensor,
+        value: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        value_padding_mask: Optional[Tensor],
+    ) -> Tuple[int, int, int]:
+        """Raises ValueError on inconsistent shapes; returns (B, Q, S)."""
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"query must have shape (B, Q, {self.embed_dim}), got {tuple(query.shape)}"
+            )
+        batch_size, num_queries, _ = query.shape
+        if value.dim() != 3 or value.shape[0] != batch_size or value.shape[2] != self.embed_dim:
+            raise ValueError(
+                f"value must have shape ({batch_size}, S, {self.embed_dim}), "
+                f"got {tuple(value.shape)}"
+            )
+        num_values = value.shape[1]
+        if spatial_shapes.shape != (self.num_levels, 2):
+            raise ValueError(
+                f"spatial_shapes must have shape ({self.num_levels}, 2), "
+                f"got {tuple(spatial_shapes.shape)}"
+            )
+        if level_start_index.shape != (self.num_levels,):
+            raise ValueError(
+                f"level_start_index must have shape ({self.num_levels},), "
+                f"got {tuple(level_start_index.shape)}"
+            )
+        expected_ref_shape = (batch_size, num_queries, self.num_levels)
+        if (
+            reference_points.dim() != 4
+            or reference_points.shape[:3] != expected_ref_shape
+            or reference_points.shape[3] not in (2, 4)
+        ):
+            raise ValueError(
+                f"reference_points must have shape (B, Q, L, 2 or 4) = "
+                f"({batch_size}, {num_queries}, {self.num_levels}, 2 or 4), "
+                f"got {tuple(reference_points.shape)}"
+            )
+        if value_padding_mask is not None and (
+            value_padding_mask.shape != (batch_size, num_values)
+            or value_padding_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"value_padding_mask must be a bool tensor of shape ({batch_size}, {num_values}), "
+                f"got {value_padding_mask.dtype} of shape {tuple(value_padding_mask.shape)}"
+            )
+        total_pixels = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+        if total_pixels != num_values:
+            raise ValueError(
+                f"value has S={num_values} positions but spatial_shapes "
+                f"{spatial_shapes.tolist()} sum to {total_pixels}"
+            )
+        return batch_size, num_queries, num_values
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_levels={self.num_levels}, num_points={self.num_points}"
+        )
