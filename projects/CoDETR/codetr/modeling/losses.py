@@ -1,0 +1,308 @@
+"""
+Losses of the DETR-style query heads (Co-DINO and Co-Deformable-DETR).
+
+:class:`DetectionLoss` takes dense per-query targets, so one class serves every loss of a
+query head; only the assignment and the normalisers differ between the loss groups. How the
+authors choose them (``num_positives`` is the box-loss normaliser; the class normaliser is the
+same value in every official config, so ``class_normalizer`` is left at its default):
+
+============================  ==============================  ================================
+loss group                    assignment (outside the loss)   num_positives (= class normaliser)
+============================  ==============================  ================================
+(a) decoder layers            Hungarian, per layer and image  matched pairs in the batch
+(b) encoder proposals         Hungarian against the ground    matched pairs in the batch
+                              truth; Co-DINO: the top-k
+                              proposals with real labels;
+                              Co-Deformable-DETR: every
+                              encoder position, every label
+                              replaced by 0 (object / not)
+(c) denoising queries         fixed: in each group, the       number of ground truths times
+                              positive query j <-> ground     the number of denoising groups,
+                              truth j; negative and padding   summed over the batch
+                              queries are background
+(d) customized positive       given by the auxiliary head     queries with a label < K in the
+    queries                   (no matching); padding          batch; the three losses are then
+                              negatives are background        multiplied by lambda_1 (1.0)
+============================  ==============================  ================================
+
+In every row the count is averaged across workers and clamped to >= 1 with
+:func:`average_across_workers` before it is passed in. In the authors' code the class
+normaliser is ``num_pos + bg_cls_weight * num_neg`` with ``bg_cls_weight = 0`` for sigmoid
+classifiers, averaged across workers (``sync_cls_avg_factor=True`` in every config) and
+clamped to >= 1, i.e. the same number as the box normaliser. Every query has classification
+weight 1 in every group (the authors' ``use_zero_padding`` option is off), so there are no
+per-query weights.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from detectron2.utils import comm
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+from codetr.layers.box_ops import box_cxcywh_to_xyxy
+
+from .matcher import HungarianMatcher
+
+__all__ = [
+    "quality_focal_loss",
+    "DetectionLoss",
+    "average_across_workers",
+    "hungarian_targets",
+]
+
+# Added to the union and enclosing area of the GIoU loss on normalised boxes. The authors add
+# 1e-6 to areas in pixels; 1e-12 of a normalised area is that order for a ~1e6-pixel image.
+_GIOU_EPS = 1e-12
+# Lower bound of the union in the IoU quality target, as in the authors' code, which computes
+# that IoU on normalised boxes.
+_QUALITY_IOU_EPS = 1e-6
+
+
+def quality_focal_loss(
+    logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor, *, beta: float = 2.0
+) -> torch.Tensor:
+    """
+    Quality focal loss (Li et al., "Generalized Focal Loss", 2020) per query.
+
+    Every class is supervised towards 0 with the modulating factor ``sigmoid(x)^beta``,
+    except the labelled class of a positive query, which is supervised towards its quality
+    target ``q`` with the factor ``|q - sigmoid(x)|^beta``.
+
+    Args:
+        logits: (N, K) classification logits.
+        labels: (N,) int64 labels in [0, K]; K means background.
+        quality: (N,) soft targets of the labelled class (ignored for background).
+        beta: exponent of the modulating factor.
+
+    Returns:
+        (N,) loss of each query, summed over the K classes.
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1] or quality.shape != labels.shape:
+        raise ValueError(
+            "expected logits (N, K), labels (N,) and quality (N,), got "
+            f"{tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(quality.shape)}"
+        )
+    prob = logits.sigmoid()
+    loss = F.binary_cross_entropy_with_logits(
+        logits, torch.zeros_like(logits), reduction="none"
+    ) * prob.pow(beta)
+
+    positive = torch.nonzero(labels < logits.shape[1]).squeeze(1)
+    positive_labels = labels[positive]
+    positive_logits = logits[positive, positive_labels]
+    positive_quality = quality[positive].to(logits.dtype)
+    positive_loss = F.binary_cross_entropy_with_logits(
+        positive_logits, positive_quality, reduction="none"
+    ) * (positive_quality - prob[positive, positive_labels]).abs().pow(beta)
+    loss = loss.index_put((positive, positive_labels), positive_loss)
+    return loss.sum(dim=1)
+
+
+def _aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float) -> torch.Tensor:
+    """IoU of boxes1[i] and boxes2[i], both (N, 4) in (x1, y1, x2, y2); union >= eps."""
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    overlap = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    union = (area1 + area2 - overlap).clamp(min=eps)
+    return overlap / union
+
+
+class DetectionLoss(nn.Module):
+    """
+    Classification, L1 and GIoU losses of DETR-style queries against dense per-query targets.
+
+    * class loss: quality focal loss whose target for a positive query is the IoU (not GIoU)
+      of its detached predicted box with its target box, or sigmoid focal loss with one-hot
+      targets; summed over queries and classes, divided by the class normaliser.
+    * L1 loss on normalised (cx, cy, w, h) and GIoU loss (1 - GIoU) on (x1, y1, x2, y2), both
+      over positive queries only, summed and divided by ``num_positives``.
+
+    Each loss is multiplied by its weight. See the module docstring for the normalisers (the
+    authors add float32 eps to each normaliser, a relative change below 1.2e-7 left out here).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        class_loss: str,
+        class_weight: float,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        qfl_beta: float = 2.0,
+    ):
+        """
+        Args:
+            num_classes: number of foreground classes K; label K means background.
+            class_loss: "quality_focal" (Co-DINO) or "focal" (Co-Deformable-DETR).
+            class_weight: weight of the class loss (1.0 for Co-DINO, 2.0 for
+                Co-Deformable-DETR).
+            l1_weight: weight of the L1 box loss.
+            giou_weight: weight of the GIoU box loss.
+            focal_alpha, focal_gamma: parameters of the "focal" class loss.
+            qfl_beta: beta of the "quality_focal" class loss.
+        """
+        super().__init__()
+        if class_loss not in ("quality_focal", "focal"):
+            raise ValueError(
+                f"class_loss must be 'quality_focal' or 'focal', got {class_loss!r}"
+            )
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.class_loss = class_loss
+        self.class_weight = class_weight
+        self.l1_weight = l1_weight
+        self.giou_weight = giou_weight
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.qfl_beta = qfl_beta
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        target_labels: torch.Tensor,
+        target_boxes: torch.Tensor,
+        *,
+        num_positives: float,
+        class_normalizer: Optional[float] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            logits: (B, Q, K) classification logits.
+            boxes: (B, Q, 4) predicted boxes, normalised (cx, cy, w, h).
+            target_labels: (B, Q) int64 labels in [0, K]; K means background.
+            target_boxes: (B, Q, 4) target boxes, normalised (cx, cy, w, h); ignored where
+                the label is background.
+            num_positives: normaliser of the box losses, already averaged across workers
+                and clamped (:func:`average_across_workers`).
+            class_normalizer: normaliser of the class loss; defaults to ``num_positives``.
+
+        Returns:
+            dict with scalar tensors "loss_class", "loss_bbox" (L1) and "loss_giou".
+        """
+        if logits.dim() != 3 or logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"logits must have shape (B, Q, {self.num_classes}), got {tuple(logits.shape)}"
+            )
+        batch_queries = logits.shape[:2]
+        if boxes.shape != (*batch_queries, 4) or target_boxes.shape != (*batch_queries, 4):
+            raise ValueError(
+                f"boxes and target_boxes must have shape ({batch_queries[0]}, "
+                f"{batch_queries[1]}, 4), got {tuple(boxes.shape)} and "
+                f"{tuple(target_boxes.shape)}"
+            )
+        if target_labels.shape != batch_queries:
+            raise ValueError(
+                f"target_labels must have shape {tuple(batch_queries)}, "
+                f"got {tuple(target_labels.shape)}"
+            )
+        if class_normalizer is None:
+            class_normalizer = num_positives
+
+        logits = logits.flatten(0, 1).float()
+        boxes = boxes.flatten(0, 1).float()
+        labels = target_labels.flatten()
+        target_boxes = target_boxes.flatten(0, 1).float()
+
+        positive = labels < self.num_classes
+        positive_boxes = box_cxcywh_to_xyxy(boxes[positive])
+        positive_target_boxes = box_cxcywh_to_xyxy(target_boxes[positive])
+
+        if self.class_loss == "quality_focal":
+            quality = torch.zeros_like(labels, dtype=logits.dtype)
+            quality[positive] = _aligned_iou(
+                positive_boxes.detach(), positive_target_boxes, _QUALITY_IOU_EPS
+            )
+            class_loss = quality_focal_loss(logits, labels, quality, beta=self.qfl_beta).sum()
+        else:
+            one_hot = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes]
+            class_loss = sigmoid_focal_loss(
+                logits,
+                one_hot.to(logits.dtype),
+                alpha=self.focal_alpha,
+                gamma=self.focal_gamma,
+                reduction="sum",
+            )
+
+        l1_loss = (boxes[positive] - target_boxes[positive]).abs().sum()
+        giou_loss = generalized_box_iou_loss(
+            positive_boxes, positive_target_boxes, reduction="sum", eps=_GIOU_EPS
+        )
+        return {
+            "loss_class": class_loss / class_normalizer * self.class_weight,
+            "loss_bbox": l1_loss / num_positives * self.l1_weight,
+            "loss_giou": giou_loss / num_positives * self.giou_weight,
+        }
+
+
+def average_across_workers(value: float, device: torch.device) -> float:
+    """
+    Mean of ``value`` over the distributed workers, clamped to >= 1.
+
+    Args:
+        value: this worker's count (e.g. its number of positive queries).
+        device: device of the tensor used for the all-reduce (must suit the backend).
+
+    Returns:
+        max(mean over workers, 1.0); ``max(value, 1.0)`` when not distributed.
+    """
+    world_size = comm.get_world_size()
+    if world_size > 1:
+        tensor = torch.tensor([value / world_size], dtype=torch.float32, device=device)
+        dist.all_reduce(tensor)
+        value = tensor.item()
+    return max(float(value), 1.0)
+
+
+def hungarian_targets(
+    matcher: HungarianMatcher,
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    targets: List[Dict[str, torch.Tensor]],
+    num_classes: int,
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """
+    Matches every image's queries to its ground truth and writes dense per-query targets.
+
+    Args:
+        matcher: the one-to-one matcher.
+        logits: (B, Q, K) classification logits.
+        boxes: (B, Q, 4) predicted boxes, normalised (cx, cy, w, h).
+        targets: B dicts with "labels" (G,) int64 and "boxes" (G, 4) normalised (cx, cy, w, h).
+        num_classes: K; the label of unmatched queries.
+
+    Returns:
+        target_labels: (B, Q) int64, the matched ground-truth label or K.
+        target_boxes: (B, Q, 4), the matched ground-truth box or zeros.
+        num_matched: number of matched queries in the batch (before averaging across workers).
+    """
+    if logits.dim() != 3 or len(targets) != logits.shape[0]:
+        raise ValueError(
+            f"expected logits (B, Q, K) and B targets, got {tuple(logits.shape)} and "
+            f"{len(targets)} targets"
+        )
+    batch_size, num_queries = logits.shape[:2]
+    target_labels = torch.full(
+        (batch_size, num_queries), num_classes, dtype=torch.int64, device=logits.device
+    )
+    target_boxes = boxes.new_zeros(batch_size, num_queries, 4)
+    num_matched = 0
+    for image_index, target in enumerate(targets):
+        gt_labels, gt_boxes = target["labels"], target["boxes"]
+        query_indices, gt_indices = matcher(
+            logits[image_index], boxes[image_index], gt_labels, gt_boxes
+        )
+        target_labels[image_index, query_indices] = gt_labels[gt_indices]
+        target_boxes[image_index, query_indices] = gt_boxes[gt_indices].to(target_boxes.dtype)
+        num_matched += len(query_indices)
+    return target_labels, target_boxes, num_matched
