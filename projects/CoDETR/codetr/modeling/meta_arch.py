@@ -1,0 +1,218 @@
+"""
+CoDETR: a DETR query detector trained with collaborative hybrid assignments.
+
+backbone -> neck -> query head (encoder, decoder); in training only, auxiliary one-to-many
+heads on the encoder memory and, from their positives, extra decoder queries.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.modeling import Backbone, detector_postprocess
+from detectron2.structures import ImageList, Instances
+from torch import Tensor, nn
+
+from codetr.layers import box_xyxy_to_cxcywh
+
+from .neck import ChannelMapper
+from .positive_queries import PositiveQueryBuilder
+from .query_heads import QueryHeadBase
+from .transformer import MultiLevelSequence
+
+__all__ = ["CoDETR"]
+
+
+class CoDETR(nn.Module):
+    """
+    detectron2 meta-architecture contract: ``forward(batched_inputs)`` returns a dict of
+    losses in training and ``[{"instances": Instances}]`` at inference.
+
+    Args:
+        backbone: any detectron2 Backbone.
+        neck: maps backbone levels to the query head's levels.
+        query_head: the DETR head (encoder, two-stage selection, decoder, losses).
+        aux_heads: one-to-many heads used in training (see ``aux_heads/base.py``); each has a
+            ``kind`` ("one-stage" or "two-stage") and may produce test output via
+            ``eval_module``. Empty: the base DETR detector.
+        positive_queries: builds customized positive queries from the auxiliary heads'
+            assignments; None switches them off.
+        eval_module: which head produces test output: "detr", or "one-stage" /
+            "two-stage", optionally with ":index" among the heads of that kind.
+        pixel_mean, pixel_std: input normalisation, in the channel order of ``input_format``.
+        input_format: channel order of the input images ("RGB" for the authors' weights).
+        use_padding_mask: False for fixed-size (LSJ) inputs: the padding is treated as image
+            and boxes are normalised by the padded size.
+        size_divisibility: batched images are padded to a multiple of this.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        neck: ChannelMapper,
+        query_head: QueryHeadBase,
+        aux_heads: Sequence[nn.Module] = (),
+        positive_queries: Optional[PositiveQueryBuilder] = None,
+        eval_module: str = "detr",
+        pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53),
+        pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375),
+        input_format: str = "RGB",
+        use_padding_mask: bool = True,
+        size_divisibility: int = 1,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.query_head = query_head
+        self.aux_heads = nn.ModuleList(aux_heads)
+        self.positive_queries = positive_queries
+        self.input_format = input_format
+        self.use_padding_mask = use_padding_mask
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+        if positive_queries is not None and len(positive_queries.projections) != len(aux_heads):
+            raise ValueError(
+                f"positive_queries has {len(positive_queries.projections)} projections but "
+                f"there are {len(aux_heads)} auxiliary heads"
+            )
+        self._eval_head_index = self._parse_eval_module(eval_module)
+        self.eval_module = eval_module
+        # the auxiliary heads see the encoder memory as maps plus one downsampled level
+        neck_shapes = list(neck.output_shape().values())
+        strides = [s.stride for s in neck_shapes] + [neck_shapes[-1].stride * 2]
+        self.aux_feature_names = [f"p{int(math.log2(s))}" for s in strides]
+        channels = neck_shapes[-1].channels
+        self.aux_extra_level = (
+            nn.Sequential(
+                nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1),
+                nn.GroupNorm(32, channels),
+            )
+            if self.aux_heads
+            else None
+        )
+
+    def _parse_eval_module(self, eval_module: str) -> Optional[int]:
+        """None for "detr", else the index in ``aux_heads`` of the requested head."""
+        if eval_module == "detr":
+            return None
+        kind, _, index = eval_module.partition(":")
+        candidates = [i for i, h in enumerate(self.aux_heads) if getattr(h, "kind", None) == kind]
+        position = int(index) if index else 0
+        if kind not in ("one-stage", "two-stage") or position >= len(candidates):
+            raise ValueError(
+                f"eval_module={eval_module!r}: expected 'detr', 'one-stage[:i]' or "
+                f"'two-stage[:i]' naming one of the auxiliary heads "
+                f"{[getattr(h, 'kind', type(h).__name__) for h in self.aux_heads]}"
+            )
+        return candidates[position]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ----------------------------------------------------------------------------- inputs
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def padding_mask(self, images: ImageList) -> Tensor:
+        """(B, H, W) bool, True at the padding of the batched images."""
+        batch, _, height, width = images.tensor.shape
+        mask = torch.ones((batch, height, width), dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = False
+        if not self.use_padding_mask:
+            mask[:] = False
+        return mask
+
+    def box_normalizers(self, images: ImageList) -> Tensor:
+        """(B, 4) per image (w, h, w, h) in pixels that normalised boxes are relative to."""
+        if self.use_padding_mask:
+            sizes = [(w, h) for h, w in images.image_sizes]
+        else:
+            sizes = [tuple(images.tensor.shape[-1:-3:-1])] * len(images)
+        return torch.tensor(
+            [[w, h, w, h] for w, h in sizes], dtype=torch.float32, device=self.device
+        )
+
+    @staticmethod
+    def normalized_targets(
+        gt_instances: List[Instances], box_normalizers: Tensor
+    ) -> List[Dict[str, Tensor]]:
+        """Per image {"labels": (n,), "boxes": (n, 4) normalised cxcywh}."""
+        return [
+            {
+                "labels": gt.gt_classes,
+                "boxes": box_xyxy_to_cxcywh(gt.gt_boxes.tensor / normalizer),
+            }
+            for gt, normalizer in zip(gt_instances, box_normalizers)
+        ]
+
+    def auxiliary_features(self, memory: MultiLevelSequence) -> Dict[str, Tensor]:
+        """The encoder memory as per-level maps plus one downsampled level, named by stride
+        (``p2`` ... ``p7`` for Co-DINO): the input of the auxiliary heads."""
+        maps = memory.to_maps()
+        maps.append(self.aux_extra_level(maps[-1]))
+        return dict(zip(self.aux_feature_names, maps))
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2 dataset-mapper dicts with "image" (C, H, W) and, in
+                training, "instances" (gt_boxes, gt_classes); "height" / "width" at test.
+        """
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        box_normalizers = self.box_normalizers(images)
+        targets = self.normalized_targets(gt_instances, box_normalizers)
+
+        # 1. backbone -> neck
+        features = self.neck(self.backbone(images.tensor))
+        # 2. query head: encoder, denoising and matching queries through the decoder
+        memory = self.query_head.encode(features, self.padding_mask(images))
+        losses = self.query_head.losses(memory, targets)
+        if not self.aux_heads:
+            return losses
+
+        # 3-5. one-to-many auxiliary heads on the encoder memory
+        aux_features = self.auxiliary_features(memory)
+        for index, head in enumerate(self.aux_heads):
+            head_losses, assignments = head(aux_features, images, gt_instances)
+            losses.update({f"aux{index}.{name}": v for name, v in head_losses.items()})
+            # 6. the head's positives as extra queries through the shared decoder
+            if self.positive_queries is not None:
+                queries = self.positive_queries(index, assignments, box_normalizers)
+                losses.update(
+                    self.query_head.extra_query_losses(
+                        memory, queries, weight=self.positive_queries.loss_weight,
+                        suffix=f"_aux{index}",
+                    )
+                )
+        return losses
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
+        images = self.preprocess_image(batched_inputs)
+        features = self.neck(self.backbone(images.tensor))
+        memory = self.query_head.encode(features, self.padding_mask(images))
+        if self._eval_head_index is None:
+            outputs = self.query_head.decode(memory)
+            results = self.query_head.detections(
+                outputs["logits"][-1], outputs["boxes"][-1], self.box_normalizers(images),
+                images.image_sizes,
+            )
+        else:
+            aux_features = self.auxiliary_features(memory)
+            results = self.aux_heads[self._eval_head_index].inference(aux_features, images)
+        if not do_postprocess:
+            return results
+        return [
+            {"instances": detector_postprocess(r, x.get("height", r.image_size[0]),
+                                               x.get("width", r.image_size[1]))}
+            for r, x in zip(results, batched_inputs)
+        ]

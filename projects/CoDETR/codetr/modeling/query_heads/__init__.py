@@ -1,0 +1,5 @@
+from .base import ExtraQueries, QueryHeadBase
+from .dino import DINOHead
+from .postprocess import detr_detections
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

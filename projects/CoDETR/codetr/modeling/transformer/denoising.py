@@ -1,0 +1,145 @@
+"""
+Contrastive denoising (DINO): noised copies of the ground truth are decoded next to the
+matching queries and must be reconstructed (positives) or rejected as background
+(negatives).
+"""
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+
+from codetr.layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+
+__all__ = ["DenoisingQueries", "ContrastiveDenoising"]
+
+
+@dataclass
+class DenoisingQueries:
+    """
+    D = num_groups * 2 * max_gts queries laid out per image as ``num_groups`` groups of
+    ``2 * max_gts`` slots: ``max_gts`` positives then ``max_gts`` negatives (max_gts is the
+    largest number of objects of an image in the batch; slots past an image's own count are
+    padding, supervised as background).
+
+    Attributes:
+        content: (B, D, C) label embeddings of the (possibly flipped) labels.
+        reference_boxes: (B, D, 4) noised boxes, normalised cxcywh.
+        self_attn_mask: (D + Q, D + Q) bool, True where attention is NOT allowed: matching
+            queries cannot see denoising queries and groups cannot see each other.
+        target_labels: (B, D) int64, the true class for positives, num_classes otherwise.
+        target_boxes: (B, D, 4) normalised cxcywh target of positives (zeros otherwise).
+        num_positives: number of positive queries in the batch.
+    """
+
+    content: Tensor
+    reference_boxes: Tensor
+    self_attn_mask: Tensor
+    target_labels: Tensor
+    target_boxes: Tensor
+    num_positives: int
+
+    @property
+    def num_queries(self) -> int:
+        return self.content.shape[1]
+
+
+class ContrastiveDenoising(nn.Module):
+    """
+    Args:
+        num_classes, embed_dim: sizes of the label embedding (``label_embedding``).
+        num_dn_queries: dynamic groups: num_groups = max(1, num_dn_queries // max_gts).
+        label_noise_ratio: a label is replaced by a random class with probability
+            ``label_noise_ratio / 2``.
+        box_noise_scale: corners of positives move by U(0, 1) * (w/2, h/2) * scale, those of
+            negatives by U(1, 2) * (w/2, h/2) * scale, in a random direction.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        embed_dim: int = 256,
+        num_dn_queries: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
+    ):
+        super().__init__()
+        if num_dn_queries < 1:
+            raise ValueError(f"num_dn_queries must be >= 1, got {num_dn_queries}")
+        self.num_classes = num_classes
+        self.label_embedding = nn.Embedding(num_classes, embed_dim)
+        self.num_dn_queries = num_dn_queries
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+
+    def forward(self, targets: List[Dict[str, Tensor]], num_matching_queries: int) -> DenoisingQueries:
+        """
+        Args:
+            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh}.
+            num_matching_queries: Q, the number of queries decoded after the denoising ones.
+        """
+        device = self.label_embedding.weight.device
+        batch_size = len(targets)
+        counts = [len(t["labels"]) for t in targets]
+        max_gts = max(counts)
+        num_groups = max(1, self.num_dn_queries // max_gts) if max_gts > 0 else 1
+        group_size = 2 * max_gts
+        num_dn = group_size * num_groups
+
+        labels = torch.cat([t["labels"] for t in targets])
+        boxes = torch.cat([t["boxes"] for t in targets])
+        # every gt appears once as positive and once as negative in each group
+        noised_labels = labels.repeat(2 * num_groups)
+        noised_boxes = boxes.repeat(2 * num_groups, 1)
+        is_negative = torch.arange(2 * num_groups, device=device).repeat_interleave(len(labels))
+        is_negative = (is_negative % 2 == 1)
+
+        if self.label_noise_ratio > 0:
+            flip = torch.rand(noised_labels.shape, device=device) < self.label_noise_ratio * 0.5
+            random_labels = torch.randint_like(noised_labels, 0, self.num_classes)
+            noised_labels = torch.where(flip, random_labels, noised_labels)
+        if self.box_noise_scale > 0:
+            corners = box_cxcywh_to_xyxy(noised_boxes)
+            half_wh = noised_boxes[:, 2:].repeat(1, 2) / 2
+            sign = torch.randint_like(noised_boxes, 0, 2) * 2.0 - 1.0
+            magnitude = torch.rand_like(noised_boxes) + is_negative[:, None].float()
+            corners = corners + sign * magnitude * half_wh * self.box_noise_scale
+            noised_boxes = box_xyxy_to_cxcywh(corners.clamp(0.0, 1.0))
+
+        # scatter into the per-image slot layout
+        image_index = torch.cat(
+            [torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)]
+        ).repeat(2 * num_groups)
+        within_image = torch.cat([torch.arange(n, device=device) for n in counts])
+        slot = (
+            within_image.repeat(2 * num_groups)
+            + torch.arange(2 * num_groups, device=device).repeat_interleave(len(labels)) * max_gts
+        )
+        embed_dim = self.label_embedding.embedding_dim
+        content = self.label_embedding.weight.new_zeros((batch_size, num_dn, embed_dim))
+        reference_logits = content.new_zeros((batch_size, num_dn, 4))
+        content[image_index, slot] = self.label_embedding(noised_labels)
+        reference_logits[image_index, slot] = inverse_sigmoid(noised_boxes, eps=1e-3)
+
+        target_labels = torch.full(
+            (batch_size, num_dn), self.num_classes, dtype=torch.long, device=device
+        )
+        target_boxes = content.new_zeros((batch_size, num_dn, 4))
+        positive = ~is_negative
+        target_labels[image_index[positive], slot[positive]] = labels.repeat(num_groups)
+        target_boxes[image_index[positive], slot[positive]] = boxes.repeat(num_groups, 1)
+
+        total = num_dn + num_matching_queries
+        mask = torch.zeros((total, total), dtype=torch.bool, device=device)
+        mask[num_dn:, :num_dn] = True
+        group_id = torch.arange(num_dn, device=device) // max(group_size, 1)
+        mask[:num_dn, :num_dn] = group_id[:, None] != group_id[None, :]
+        return DenoisingQueries(
+            content=content,
+            reference_boxes=reference_logits.sigmoid(),
+            self_attn_mask=mask,
+            target_labels=target_labels,
+            target_boxes=target_boxes,
+            num_positives=int(positive.sum()),
+        )

@@ -1,0 +1,21 @@
+from torch import Tensor, nn
+
+__all__ = ["FeedForward"]
+
+
+class FeedForward(nn.Module):
+    """
+    The transformer feed-forward block: Linear -> ReLU -> Dropout -> Linear -> Dropout.
+    The residual connection and the normalisation belong to the layer that uses it.
+    """
+
+    def __init__(self, *, embed_dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.linear1 = nn.Linear(embed_dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, embed_dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., C) -> (..., C)"""
+        return self.dropout2(self.linear2(self.dropout1(self.linear1(x).relu())))
