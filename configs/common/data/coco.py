@@ -1,0 +1,52 @@
+"""COCO 2017 detection with the DETR augmentation recipe (spec §4): train2017 / val2017.
+
+Expects detectron2's builtin COCO layout under $DETECTRON2_DATASETS (default "datasets").
+The evaluator writes nothing by default; set ``dataloader.evaluator.output_dir`` to keep
+its predictions.
+"""
+
+from omegaconf import OmegaConf
+
+from detectron2.config import LazyCall as L
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.evaluation import COCOEvaluator
+
+from codetr.data import (
+    DetrDatasetMapper,
+    build_detr_crop_train_augmentation,
+    build_detr_test_augmentation,
+    build_detr_train_augmentation,
+)
+
+dataloader = OmegaConf.create()
+
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        augmentation=L(build_detr_train_augmentation)(),
+        augmentation_with_crop=L(build_detr_crop_train_augmentation)(),
+        image_format="RGB",
+    ),
+    total_batch_size=16,
+    num_workers=4,
+)
+
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    mapper=L(DetrDatasetMapper)(
+        is_train=False,
+        augmentation=L(build_detr_test_augmentation)(min_size=800, max_size=1333),
+        image_format="RGB",
+    ),
+    num_workers=4,
+)
+
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir=None,
+)

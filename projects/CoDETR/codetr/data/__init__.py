@@ -1,0 +1,46 @@
+"""
+Data side of CoDETR: the DETR / LSJ dataset mapper and the synthetic toy dataset.
+
+Importing this package registers the toy datasets "codetr_toy_train" and "codetr_toy_val"
+(cheap: their files are generated on first use, see ``toy_dataset``).
+"""
+
+from .dataset_mapper import (
+    DETR_TRAIN_MIN_SIZES,
+    LSJ_PAD_VALUE,
+    DetrDatasetMapper,
+    build_detr_crop_train_augmentation,
+    build_detr_test_augmentation,
+    build_detr_train_augmentation,
+    build_lsj_test_augmentation,
+    build_lsj_train_augmentation,
+)
+from .toy_dataset import (
+    TOY_DATASET_SPLITS,
+    TOY_THING_CLASSES,
+    ToySplit,
+    default_toy_root,
+    ensure_toy_dataset,
+    generate_toy_dataset,
+    register_toy_datasets,
+)
+
+__all__ = [
+    "DETR_TRAIN_MIN_SIZES",
+    "LSJ_PAD_VALUE",
+    "DetrDatasetMapper",
+    "build_detr_crop_train_augmentation",
+    "build_detr_test_augmentation",
+    "build_detr_train_augmentation",
+    "build_lsj_test_augmentation",
+    "build_lsj_train_augmentation",
+    "TOY_DATASET_SPLITS",
+    "TOY_THING_CLASSES",
+    "ToySplit",
+    "default_toy_root",
+    "ensure_toy_dataset",
+    "generate_toy_dataset",
+    "register_toy_datasets",
+]
+
+register_toy_datasets()
