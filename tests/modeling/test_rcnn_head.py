@@ -1,0 +1,368 @@
+import math
+import unittest
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from codetr.modeling.aux_heads.base import AssignedCoords
+from codetr.modeling.aux_heads.rcnn import RCNNAuxHead, build_rcnn_aux_head
+
+NUM_CLASSES = 3
+CHANNELS = 8
+LEVELS = ["p2", "p3", "p4", "p5", "p6", "p7"]
+STRIDES = [4, 8, 16, 32, 64, 128]
+LOSS_NAMES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+
+# Two ground-truth boxes in a 64x64 image and proposals at known IoUs with them.
+GT_A, GT_B = [4.0, 4.0, 28.0, 28.0], [36.0, 36.0, 60.0, 60.0]
+PROPOSALS = {
+    "equal_to_a": [4.0, 4.0, 28.0, 28.0],  # IoU 1 with A
+    "near_a": [5.0, 5.0, 28.0, 28.0],  # IoU 529 / 576 with A
+    "half_of_b": [36.0, 36.0, 48.0, 60.0],  # IoU exactly 0.5 with B: positive
+    "under_half_of_b": [36.0, 36.0, 47.0, 60.0],  # IoU 11 / 24 with B: background
+    "far": [40.0, 0.0, 60.0, 20.0],  # IoU 0 with both
+}
+
+
+def _build(**kwargs):
+    shapes = {n: ShapeSpec(channels=CHANNELS, stride=s) for n, s in zip(LEVELS, STRIDES)}
+    args = dict(input_shape=shapes, in_features=LEVELS, num_classes=NUM_CLASSES, fc_dim=16)
+    args.update(kwargs)
+    return build_rcnn_aux_head(**args)
+
+
+def _features(image_sizes, requires_grad=False):
+    height = max(h for h, _ in image_sizes)
+    width = max(w for _, w in image_sizes)
+    features = {
+        name: torch.randn(
+            len(image_sizes), CHANNELS, math.ceil(height / s), math.ceil(width / s)
+        ).requires_grad_(requires_grad)
+        for name, s in zip(LEVELS, STRIDES)
+    }
+    images = ImageList(torch.zeros(len(image_sizes), 3, height, width), image_sizes)
+    return features, images
+
+
+def _gt(image_size, boxes, classes):
+    gt = Instances(image_size)
+    gt.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    gt.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return gt
+
+
+class _FixedProposals(nn.Module):
+    """Stands in for the RPN: returns the given proposal boxes for every image."""
+
+    def __init__(self, boxes_per_image):
+        super().__init__()
+        self.boxes_per_image = boxes_per_image
+
+    def forward(self, images, features, gt_instances=None):
+        proposals = []
+        for image_size, boxes in zip(images.image_sizes, self.boxes_per_image):
+            instances = Instances(image_size)
+            instances.proposal_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+            instances.objectness_logits = torch.zeros(len(boxes))
+            proposals.append(instances)
+        return proposals, {}
+
+
+def _head_with_fixed_proposals(boxes_per_image):
+    return RCNNAuxHead(rpn=_FixedProposals(boxes_per_image), roi_heads=_build().roi_heads)
+
+
+def _rows(assignment):
+    """Sampled RoIs as a sorted list of (box, label, target box) tuples."""
+    return sorted(
+        (tuple(b), int(label), tuple(t))
+        for b, label, t in zip(
+            assignment.boxes.tolist(), assignment.labels.tolist(), assignment.target_boxes.tolist()
+        )
+    )
+
+
+class TestRCNNAuxHeadConfiguration(unittest.TestCase):
+    def test_anchors_match_mmdet_up_to_order(self):
+        head = _build()
+        one_location = [torch.zeros(1, CHANNELS, 1, 1)] * len(LEVELS)
+        # the anchors at the first location of the stride-4 level, centred on (0, 0)
+        cell_anchors = head.rpn.anchor_generator(one_location)[0].tensor
+        # mmdet: w = stride * scale / sqrt(ratio), h = stride * scale * sqrt(ratio), ratio-major
+        mmdet = []
+        for ratio in (0.5, 1.0, 2.0):
+            for i in range(3):
+                scale = 4.0 * 2 ** (i / 3)
+                w, h = 4 * scale / math.sqrt(ratio), 4 * scale * math.sqrt(ratio)
+                mmdet.append([-w / 2, -h / 2, w / 2, h / 2])
+        mmdet = torch.tensor(mmdet)
+        # detectron2 is size-major: its anchor s * 3 + r is mmdet's anchor r * 3 + s
+        permutation = [r * 3 + s for s in range(3) for r in range(3)]
+        torch.testing.assert_close(cell_anchors, mmdet[permutation], rtol=1e-6, atol=1e-5)
+        self.assertEqual(head.rpn.anchor_generator.strides, STRIDES)
+        self.assertEqual(head.rpn.rpn_head.objectness_logits.out_channels, 9)
+
+    def test_rpn_and_roi_settings(self):
+        head = _build()
+        self.assertEqual(head.kind, "two-stage")
+        rpn, roi = head.rpn, head.roi_heads
+        self.assertEqual(rpn.anchor_matcher.thresholds[1:-1], [0.3, 0.7])
+        self.assertTrue(rpn.anchor_matcher.allow_low_quality_matches)
+        self.assertEqual((rpn.batch_size_per_image, rpn.positive_fraction), (256, 0.5))
+        self.assertEqual(rpn.pre_nms_topk, {True: 4000, False: 1000})
+        self.assertEqual(rpn.post_nms_topk, {True: 1000, False: 1000})
+        self.assertEqual(rpn.nms_thresh, 0.7)
+        self.assertEqual(rpn.loss_weight, {"loss_rpn_cls": 12.0, "loss_rpn_loc": 12.0})
+        self.assertEqual((rpn.box_reg_loss_type, rpn.smooth_l1_beta), ("smooth_l1", 0.0))
+        self.assertEqual(roi.proposal_matcher.thresholds[1:-1], [0.5])
+        self.assertFalse(roi.proposal_matcher.allow_low_quality_matches)
+        self.assertEqual((roi.batch_size_per_image, roi.positive_fraction), (512, 0.25))
+        self.assertTrue(roi.proposal_append_gt)
+        self.assertEqual(roi.box_in_features, LEVELS[:5])
+        predictor = roi.box_predictor
+        self.assertEqual(predictor.box2box_transform.weights, (10.0, 10.0, 5.0, 5.0))
+        self.assertEqual(predictor.box_reg_loss_type, "giou")
+        self.assertEqual(predictor.loss_weight, {"loss_cls": 12.0, "loss_box_reg": 120.0})
+        self.assertEqual(predictor.bbox_pred.out_features, 4 * NUM_CLASSES)
+        self.assertEqual(predictor.cls_score.out_features, NUM_CLASSES + 1)
+        self.assertEqual(
+            (predictor.test_score_thresh, predictor.test_nms_thresh, predictor.test_topk_per_image),
+            (0.0, 0.5, 100),
+        )
+        self.assertEqual([fc.out_features for fc in roi.box_head.fcs], [16, 16])
+        aligner = roi.box_pooler.level_poolers[0]
+        self.assertTrue(aligner.aligned)
+        self.assertEqual((aligner.output_size, aligner.sampling_ratio), ((7, 7), 0))
+
+    def _levels(self, pooler, sizes):
+        boxes = Boxes(torch.tensor([[0.0, 0.0, s, s] for s in sizes]))
+        return assign_boxes_to_levels(
+            [boxes],
+            pooler.min_level,
+            pooler.max_level,
+            pooler.canonical_box_size,
+            pooler.canonical_level,
+        ).tolist()
+
+    def test_roi_level_mapping_is_mmdet_finest_scale(self):
+        # mmdet: level floor(log2(sqrt(area) / finest_scale)), clamped to the RoI levels
+        pooler = _build().roi_heads.box_pooler
+        sizes = [10.0, 111.9, 112.0, 223.9, 224.0, 448.0, 896.0, 5000.0]
+        self.assertEqual(self._levels(pooler, sizes), [0, 0, 1, 1, 2, 3, 4, 4])
+        # Co-Deformable-DETR: four RoI levels from stride 8, finest_scale 112
+        pooler = _build(roi_in_features=LEVELS[1:5], finest_scale=112).roi_heads.box_pooler
+        sizes = [10.0, 223.9, 224.0, 448.0, 896.0, 5000.0]
+        self.assertEqual(self._levels(pooler, sizes), [0, 0, 1, 2, 3, 3])
+
+    def test_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "in_features"):
+            _build(in_features=["p2", "p9"])
+        with self.assertRaisesRegex(ValueError, "roi_in_features"):
+            _build(roi_in_features=["p1"])
+        with self.assertRaisesRegex(ValueError, "num_classes"):
+            _build(num_classes=0)
+        shapes = {n: ShapeSpec(channels=CHANNELS, stride=s) for n, s in zip(LEVELS, STRIDES)}
+        shapes["p7"] = ShapeSpec(channels=CHANNELS * 2, stride=128)
+        with self.assertRaisesRegex(ValueError, "channel"):
+            build_rcnn_aux_head(input_shape=shapes, in_features=LEVELS, num_classes=NUM_CLASSES)
+
+
+class TestRCNNAuxHeadAssignment(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.image_sizes = [(64, 64)]
+        self.features, self.images = _features(self.image_sizes)
+        self.gt = [_gt((64, 64), [GT_A, GT_B], [1, 2])]
+
+    def _run(self, head, gt):
+        with EventStorage():
+            return head(self.features, self.images, gt)
+
+    def test_sampled_proposal_targets(self):
+        head = _head_with_fixed_proposals([list(PROPOSALS.values())])
+        _, (assignment,) = self._run(head, self.gt)
+        background = (0.0, 0.0, 0.0, 0.0)
+        expected = [
+            (tuple(GT_A), 1, tuple(GT_A)),  # ground truth added as a proposal
+            (tuple(GT_B), 2, tuple(GT_B)),  # ground truth added as a proposal
+            (tuple(PROPOSALS["equal_to_a"]), 1, tuple(GT_A)),
+            (tuple(PROPOSALS["near_a"]), 1, tuple(GT_A)),
+            (tuple(PROPOSALS["half_of_b"]), 2, tuple(GT_B)),
+            (tuple(PROPOSALS["under_half_of_b"]), NUM_CLASSES, background),
+            (tuple(PROPOSALS["far"]), NUM_CLASSES, background),
+        ]
+        self.assertEqual(_rows(assignment), sorted(expected))
+        # positives come first
+        self.assertEqual(assignment.labels[:5].lt(NUM_CLASSES).tolist(), [True] * 5)
+
+    def test_assignment_shapes_and_dtypes(self):
+        head = _head_with_fixed_proposals([list(PROPOSALS.values())])
+        _, assignments = self._run(head, self.gt)
+        self.assertEqual(len(assignments), 1)
+        assignment = assignments[0]
+        self.assertIsInstance(assignment, AssignedCoords)
+        self.assertEqual(assignment.boxes.shape, (7, 4))
+        self.assertEqual(assignment.labels.shape, (7,))
+        self.assertEqual(assignment.labels.dtype, torch.int64)
+        self.assertEqual(assignment.target_boxes.shape, (7, 4))
+        self.assertEqual(assignment.features.shape, (7, CHANNELS))
+
+    def test_features_are_mean_of_pooled_features_pooled_once(self):
+        head = _head_with_fixed_proposals([list(PROPOSALS.values())])
+        pooler = head.roi_heads.box_pooler
+        calls = []
+        pooler.register_forward_hook(lambda module, inputs, output: calls.append(output))
+        _, (assignment,) = self._run(head, self.gt)
+        self.assertEqual(len(calls), 1)
+        levels = [self.features[f] for f in LEVELS[:5]]
+        pooled = pooler(levels, [Boxes(assignment.boxes)])
+        self.assertEqual(pooled.shape, (7, CHANNELS, 7, 7))
+        torch.testing.assert_close(assignment.features, pooled.mean(dim=(2, 3)))
+
+    def test_losses_with_zero_predictors(self):
+        # With zero outputs the box branch predicts uniform scores and the proposals themselves,
+        # and the RPN predicts logit 0 for every anchor.
+        head = _build()
+        for layer in (
+            head.roi_heads.box_predictor.cls_score,
+            head.roi_heads.box_predictor.bbox_pred,
+            head.rpn.rpn_head.objectness_logits,
+            head.rpn.rpn_head.anchor_deltas,
+        ):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        fixed = RCNNAuxHead(
+            rpn=_FixedProposals([list(PROPOSALS.values())]), roi_heads=head.roi_heads
+        )
+        roi_losses, _ = self._run(fixed, self.gt)
+        self.assertAlmostEqual(roi_losses["loss_cls"].item(), 12 * math.log(NUM_CLASSES + 1), 5)
+        # 1 - GIoU of the positives: 0 for the boxes equal to a ground truth, 1 - 529 / 576 for
+        # near_a and 1 - 0.5 for half_of_b (both enclosed by their ground truth); 7 sampled RoIs
+        expected_giou = 120 * ((1 - 529 / 576) + 0.5) / 7
+        self.assertAlmostEqual(roi_losses["loss_box_reg"].item(), expected_giou, 4)
+        losses, _ = self._run(head, self.gt)
+        # 256 sampled anchors, each with BCE log 2, normalised by 256 per image
+        self.assertAlmostEqual(losses["loss_rpn_cls"].item(), 12 * math.log(2), 5)
+
+    def test_image_without_objects(self):
+        head = _head_with_fixed_proposals([list(PROPOSALS.values())])
+        empty = [_gt((64, 64), [], [])]
+        losses, (assignment,) = self._run(head, empty)
+        self.assertEqual(len(assignment.labels), len(PROPOSALS))
+        self.assertTrue(torch.all(assignment.labels == NUM_CLASSES))
+        self.assertTrue(torch.all(assignment.target_boxes == 0))
+        self.assertEqual(losses["loss_box_reg"].item(), 0.0)
+        self.assertTrue(torch.isfinite(losses["loss_cls"]))
+
+    def test_batch_keeps_smallest_sample_count(self):
+        # image 0 samples 7 RoIs (5 positive), image 1 only 3: both keep their first 3
+        self.features, self.images = _features([(64, 64), (64, 48)])
+        gt = self.gt + [_gt((64, 48), [[0.0, 0.0, 20.0, 20.0]], [0])]
+        head = _head_with_fixed_proposals(
+            [list(PROPOSALS.values()), [[0.0, 0.0, 20.0, 19.0], [30.0, 30.0, 40.0, 40.0]]]
+        )
+        _, assignments = self._run(head, gt)
+        self.assertEqual([len(a.boxes) for a in assignments], [3, 3])
+        self.assertEqual([len(a.features) for a in assignments], [3, 3])
+        self.assertTrue(torch.all(assignments[0].labels < NUM_CLASSES))
+        self.assertEqual(assignments[1].labels.tolist(), [0, 0, NUM_CLASSES])
+
+
+class TestRCNNAuxHeadEndToEnd(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.head = _build()
+
+    def _train_step(self, image_sizes, gt, requires_grad=False):
+        features, images = _features(image_sizes, requires_grad)
+        with EventStorage():
+            losses, assignments = self.head(features, images, gt)
+        return features, losses, assignments
+
+    def test_losses_finite_and_named(self):
+        gt = [_gt((64, 64), [GT_A, GT_B], [1, 2]), _gt((48, 64), [[8.0, 8.0, 40.0, 30.0]], [0])]
+        _, losses, assignments = self._train_step([(64, 64), (48, 64)], gt)
+        self.assertEqual(set(losses), LOSS_NAMES)
+        for name, value in losses.items():
+            self.assertEqual(value.dim(), 0, name)
+            self.assertTrue(torch.isfinite(value), name)
+        self.assertEqual(len(assignments), 2)
+        for assignment, gt_i in zip(assignments, gt):
+            positive = assignment.labels < NUM_CLASSES
+            # every ground-truth box is among the sampled positives (added as a proposal)
+            for box in gt_i.gt_boxes.tensor.tolist():
+                self.assertIn(box, assignment.boxes[positive].tolist())
+            self.assertTrue(torch.all(assignment.target_boxes[~positive] == 0))
+
+    def test_gradient_reaches_features(self):
+        gt = [_gt((64, 64), [GT_A, GT_B], [1, 2])]
+        features, losses, (assignment,) = self._train_step([(64, 64)], gt, requires_grad=True)
+        (sum(losses.values()) + assignment.features.sum()).backward()
+        for name in ("p2", "p3"):
+            grad = features[name].grad
+            self.assertIsNotNone(grad, name)
+            self.assertTrue(torch.isfinite(grad).all(), name)
+            self.assertGreater(grad.abs().sum().item(), 0.0, name)
+        self.assertIsNotNone(self.head.roi_heads.box_head.fc1.weight.grad)
+        self.assertIsNotNone(self.head.rpn.rpn_head.conv.weight.grad)
+
+    def test_batch_of_one_without_objects(self):
+        _, losses, (assignment,) = self._train_step([(64, 64)], [_gt((64, 64), [], [])])
+        self.assertEqual(set(losses), LOSS_NAMES)
+        self.assertTrue(all(torch.isfinite(v) for v in losses.values()))
+        self.assertEqual(losses["loss_box_reg"].item(), 0.0)
+        self.assertEqual(losses["loss_rpn_loc"].item(), 0.0)
+        self.assertGreater(len(assignment.labels), 0)
+        self.assertTrue(torch.all(assignment.labels == NUM_CLASSES))
+        self.assertTrue(torch.all(assignment.target_boxes == 0))
+
+    def test_inference_contract(self):
+        self.head.eval()
+        features, images = _features([(64, 64), (40, 56)])
+        with torch.no_grad():
+            detections = self.head.inference(features, images)
+        self.assertEqual(len(detections), 2)
+        for instances, (height, width) in zip(detections, images.image_sizes):
+            self.assertEqual(instances.image_size, (height, width))
+            self.assertEqual(set(instances.get_fields()), {"pred_boxes", "scores", "pred_classes"})
+            self.assertGreater(len(instances), 0)
+            self.assertLessEqual(len(instances), 100)
+            boxes = instances.pred_boxes.tensor
+            self.assertTrue(torch.all(boxes >= 0))
+            self.assertTrue(torch.all(boxes[:, 0::2] <= width))
+            self.assertTrue(torch.all(boxes[:, 1::2] <= height))
+            self.assertTrue(torch.all((instances.pred_classes >= 0)))
+            self.assertTrue(torch.all(instances.pred_classes < NUM_CLASSES))
+            scores = instances.scores
+            self.assertTrue(torch.all(scores[:-1] >= scores[1:]))
+
+    def test_mode_checks(self):
+        features, images = _features([(64, 64)])
+        with self.assertRaisesRegex(RuntimeError, "inference"):
+            self.head.inference(features, images)
+        with self.assertRaisesRegex(ValueError, "gt_instances"), EventStorage():
+            self.head(features, images, [])
+        self.head.eval()
+        with self.assertRaisesRegex(RuntimeError, "training"):
+            self.head(features, images, [_gt((64, 64), [], [])])
+
+    def test_deterministic_with_fixed_seed(self):
+        gt = [_gt((64, 64), [GT_A, GT_B], [1, 2])]
+        results = []
+        for _ in range(2):
+            torch.manual_seed(3)
+            self.head = _build()
+            results.append(self._train_step([(64, 64)], gt))
+        (_, losses_a, (a,)), (_, losses_b, (b,)) = results
+        for name in LOSS_NAMES:
+            self.assertEqual(losses_a[name].item(), losses_b[name].item(), name)
+        for field in ("boxes", "labels", "target_boxes", "features"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    unittest.main()
