@@ -34,14 +34,14 @@ class CoDETR(nn.Module):
         aux_heads: one-to-many heads used in training (see ``aux_heads/base.py``); each has a
             ``kind`` ("one-stage" or "two-stage") and may produce test output via
             ``eval_module``. Empty: the base DETR detector.
+        aux_loss_weight: multiplies every auxiliary-head loss; the reference uses
+            num_decoder_layers x lambda_2 = 12 on top of the heads' own weights.
         positive_queries: builds customized positive queries from the auxiliary heads'
             assignments; None switches them off.
         eval_module: which head produces test output: "detr", or "one-stage" /
             "two-stage", optionally with ":index" among the heads of that kind.
         pixel_mean, pixel_std: input normalisation, in the channel order of ``input_format``.
         input_format: channel order of the input images ("RGB" for the authors' weights).
-        use_padding_mask: False for fixed-size (LSJ) inputs: the padding is treated as image
-            and boxes are normalised by the padded size.
         size_divisibility: batched images are padded to a multiple of this.
     """
 
@@ -52,12 +52,12 @@ class CoDETR(nn.Module):
         neck: ChannelMapper,
         query_head: QueryHeadBase,
         aux_heads: Sequence[nn.Module] = (),
+        aux_loss_weight: float = 1.0,
         positive_queries: Optional[PositiveQueryBuilder] = None,
         eval_module: str = "detr",
         pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53),
         pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375),
         input_format: str = "RGB",
-        use_padding_mask: bool = True,
         size_divisibility: int = 1,
     ):
         super().__init__()
@@ -65,9 +65,9 @@ class CoDETR(nn.Module):
         self.neck = neck
         self.query_head = query_head
         self.aux_heads = nn.ModuleList(aux_heads)
+        self.aux_loss_weight = aux_loss_weight
         self.positive_queries = positive_queries
         self.input_format = input_format
-        self.use_padding_mask = use_padding_mask
         self.size_divisibility = size_divisibility
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -123,18 +123,16 @@ class CoDETR(nn.Module):
         mask = torch.ones((batch, height, width), dtype=torch.bool, device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):
             mask[i, :h, :w] = False
-        if not self.use_padding_mask:
-            mask[:] = False
         return mask
 
     def box_normalizers(self, images: ImageList) -> Tensor:
-        """(B, 4) per image (w, h, w, h) in pixels that normalised boxes are relative to."""
-        if self.use_padding_mask:
-            sizes = [(w, h) for h, w in images.image_sizes]
-        else:
-            sizes = [tuple(images.tensor.shape[-1:-3:-1])] * len(images)
+        """
+        (B, 4) per image (w, h, w, h): normalised boxes are relative to the unpadded input
+        size. (LSJ pads images to the fixed square in the dataset mapper, so there the square
+        is the input size, as in the reference's LSJ configs.)
+        """
         return torch.tensor(
-            [[w, h, w, h] for w, h in sizes], dtype=torch.float32, device=self.device
+            [[w, h, w, h] for h, w in images.image_sizes], dtype=torch.float32, device=self.device
         )
 
     @staticmethod
@@ -183,7 +181,9 @@ class CoDETR(nn.Module):
         aux_features = self.auxiliary_features(memory)
         for index, head in enumerate(self.aux_heads):
             head_losses, assignments = head(aux_features, images, gt_instances)
-            losses.update({f"aux{index}.{name}": v for name, v in head_losses.items()})
+            losses.update(
+                {f"aux{index}.{k}": v * self.aux_loss_weight for k, v in head_losses.items()}
+            )
             # 6. the head's positives as extra queries through the shared decoder
             if self.positive_queries is not None:
                 queries = self.positive_queries(index, assignments, box_normalizers)

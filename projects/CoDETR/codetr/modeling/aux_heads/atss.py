@@ -135,6 +135,8 @@ class ATSSHead(nn.Module):
     :mod:`codetr.modeling.aux_heads.base`). Test: ``head.inference(features, images)``.
     """
 
+    kind = "one-stage"
+
     def __init__(
         self,
         *,

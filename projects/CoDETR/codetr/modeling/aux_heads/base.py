@@ -16,6 +16,10 @@ An auxiliary head is an ``nn.Module`` used only in training (and, optionally, fo
 - ``assignments``: one :class:`AssignedCoords` per image: the head's one-to-many assignment,
   from which :mod:`codetr.modeling.positive_queries` builds the customized positive queries.
 
+A head that can also produce the test output (the meta-architecture's ``eval_module``) has a
+class attribute ``kind`` ("one-stage" or "two-stage") and a method
+``inference(features, images) -> List[Instances]`` giving detections in input-image pixels.
+
 Auxiliary heads know nothing of the query heads; they meet only in the meta-architecture.
 """
 from dataclasses import dataclass
