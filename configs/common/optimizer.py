@@ -1,0 +1,31 @@
+"""
+The authors' optimizer: AdamW, lr 2e-4, betas (0.9, 0.999), weight decay 1e-4 on every
+parameter (norms and biases included), backbone learning rate x0.1. Gradient clipping (global
+norm 0.1) is set in ``train.clip_grad`` (``configs/common/train.py``).
+
+Co-Deformable-DETR also trains ``sampling_offsets`` and ``reference_points`` at x0.1::
+
+    optimizer.params.lr_factor_func = partial(
+        lr_factor, backbone_multiplier=0.1, linear_projection_multiplier=0.1
+    )
+
+``optimizer.params.model`` is set by the trainer before instantiation.
+"""
+
+from functools import partial
+
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.solver import get_default_optimizer_params
+
+from codetr.engine.optimizer import lr_factor
+
+optimizer = L(torch.optim.AdamW)(
+    params=L(get_default_optimizer_params)(
+        base_lr="${..lr}",
+        lr_factor_func=partial(lr_factor, backbone_multiplier=0.1),
+    ),
+    lr=2e-4,
+    betas=(0.9, 0.999),
+    weight_decay=1e-4,
+)

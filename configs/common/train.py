@@ -1,0 +1,31 @@
+"""
+Training settings read by ``codetr.engine.LazyConfigTrainer`` (and ``train_net.py``),
+defaulting to the authors' 1x COCO recipe: 12 epochs of 7393 iterations at a total batch of
+16, a checkpoint and an evaluation after every epoch, global gradient-norm clipping at 0.1.
+"""
+
+from detectron2.config import LazyCall as L
+
+from codetr.engine import default_device
+
+from .schedule import COCO_ITERS_PER_EPOCH
+
+train = dict(
+    output_dir="./output",
+    # Model weights to start from (ignored by --resume when output_dir has a checkpoint).
+    init_checkpoint="",
+    max_iter=12 * COCO_ITERS_PER_EPOCH,
+    # Automatic mixed precision; precision "auto" is float16 on CUDA, bfloat16 on CPU.
+    amp=dict(enabled=False, precision="auto"),
+    # Keyword arguments of DistributedDataParallel (when there are several processes).
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    # PeriodicCheckpointer: max_to_keep=None keeps every checkpoint, as the authors do.
+    checkpointer=dict(period=COCO_ITERS_PER_EPOCH, max_to_keep=None),
+    eval_period=COCO_ITERS_PER_EPOCH,
+    log_period=50,
+    # "cuda" when a GPU is visible, else "cpu"; decided when the config is used.
+    device=L(default_device)(),
+    # >= 0: reproducible runs and exact resume; < 0: a random seed.
+    seed=0,
+    clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),
+)

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""
+Draw a Co-DETR model's detections on images.
+
+    python demo.py --config-file configs/co_dino/co_dino_5scale_r50_1x_coco.py \\
+        --input IMAGE|DIR|GLOB --output OUT_DIR [--confidence-threshold 0.3] \\
+        train.init_checkpoint=model.pth [key=value ...]
+
+The weights are those of ``train.init_checkpoint`` (set it with an override). Each input
+image is written, with its detections drawn in the names and colours of the test dataset's
+metadata (``dataloader.test.dataset.names``), to OUT_DIR under its own file name.
+"""
+
+import argparse
+import glob
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import cv2
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import Visualizer
+from omegaconf import DictConfig
+
+import codetr.data  # noqa: F401  (registers the project's datasets and their metadata)
+from codetr.engine import LazyPredictor, load_lazy_config
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+logger = logging.getLogger("codetr.demo")
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig file")
+    parser.add_argument(
+        "--input", required=True, help="an image file, a folder of images, or a glob pattern"
+    )
+    parser.add_argument("--output", required=True, help="folder for the drawn images")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.3,
+        help="draw the detections with at least this score",
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: key=value ..."
+    )
+    return parser
+
+
+def list_images(pattern: str) -> List[str]:
+    """
+    The image files named by ``pattern``: a file, a folder (its images, sorted), or a glob.
+
+    Raises:
+        FileNotFoundError: if it names no image.
+    """
+    if os.path.isdir(pattern):
+        paths = [
+            os.path.join(pattern, name)
+            for name in sorted(os.listdir(pattern))
+            if name.lower().endswith(_IMAGE_EXTENSIONS)
+        ]
+    elif os.path.isfile(pattern):
+        paths = [pattern]
+    else:
+        paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"--input {pattern!r} names no image")
+    return paths
+
+
+def metadata_dataset_name(cfg: DictConfig) -> str:
+    """The (first) dataset name of ``cfg.dataloader.test.dataset.names``."""
+    names = cfg.dataloader.test.dataset.names
+    return names if isinstance(names, str) else names[0]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_argument_parser().parse_args(argv)
+    setup_logger(name="codetr")
+    setup_logger()
+    cfg = load_lazy_config(args.config_file, args.opts)
+    if not cfg.train.init_checkpoint:
+        raise ValueError("No weights: give them with the override train.init_checkpoint=PATH")
+    paths = list_images(args.input)
+    predictor = LazyPredictor(cfg)
+    metadata = MetadataCatalog.get(metadata_dataset_name(cfg))
+
+    os.makedirs(args.output, exist_ok=True)
+    for path in paths:
+        image = read_image(path, format="BGR")
+        instances = predictor(image).to("cpu")
+        instances = instances[instances.scores >= args.confidence_threshold]
+        visualizer = Visualizer(image[:, :, ::-1], metadata)
+        drawn = visualizer.draw_instance_predictions(instances).get_image()
+        out_path = os.path.join(args.output, os.path.basename(path))
+        cv2.imwrite(out_path, drawn[:, :, ::-1])
+        logger.info(f"{path}: {len(instances)} detections -> {out_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])  # pragma: no cover

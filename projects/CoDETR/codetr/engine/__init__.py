@@ -1,0 +1,27 @@
+"""
+Training, evaluation and inference driven by LazyConfigs.
+"""
+
+from .checkpointer import AtomicCheckpointer, atomic_write
+from .optimizer import add_gradient_clipping, lr_factor
+from .predictor import LazyPredictor
+from .trainer import (
+    DeviceAMPTrainer,
+    LazyConfigTrainer,
+    default_device,
+    load_lazy_config,
+    train_device,
+)
+
+__all__ = [
+    "AtomicCheckpointer",
+    "DeviceAMPTrainer",
+    "LazyConfigTrainer",
+    "LazyPredictor",
+    "add_gradient_clipping",
+    "atomic_write",
+    "default_device",
+    "load_lazy_config",
+    "lr_factor",
+    "train_device",
+]

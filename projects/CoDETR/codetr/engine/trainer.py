@@ -1,0 +1,417 @@
+"""
+Training and evaluation driven by a LazyConfig.
+
+detectron2's :class:`DefaultTrainer` reads yacs keys in its constructor, ``build_hooks``,
+``resume_or_load`` and ``test``; :class:`LazyConfigTrainer` replaces those parts and keeps the
+rest (the hook machinery, ``run_step``, ``state_dict``). The config must have the fields
+``model``, ``optimizer``, ``lr_multiplier``, ``dataloader.train``, ``dataloader.test``,
+optionally ``dataloader.evaluator``, and ``train`` (see ``configs/common/train.py``).
+"""
+
+import difflib
+import logging
+import os
+import time
+import weakref
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine.defaults import create_ddp_model, default_writers
+from detectron2.engine.train_loop import HookBase, TrainerBase
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.solver import LRMultiplier
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventWriter
+from detectron2.utils.logger import setup_logger
+from fvcore.common.param_scheduler import ParamScheduler
+from omegaconf import DictConfig, OmegaConf
+
+import codetr.data  # noqa: F401  (registers the project's datasets)
+
+from .checkpointer import AtomicCheckpointer
+from .optimizer import add_gradient_clipping
+
+__all__ = [
+    "default_device",
+    "train_device",
+    "load_lazy_config",
+    "DeviceAMPTrainer",
+    "LazyConfigTrainer",
+]
+
+logger = logging.getLogger(__name__)
+
+_AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    """
+    The device to train on when the config does not name one: ``"cuda"`` when a GPU is
+    visible, else ``"cpu"``. Configs call it lazily (``L(default_device)()``) so that the
+    choice is made on the machine that runs the config, not on the one that wrote it.
+    """
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_device(cfg: DictConfig) -> torch.device:
+    """
+    The device of ``cfg.train.device``: a device string or a lazy call that returns one.
+    """
+    return torch.device(instantiate(cfg.train.device))
+
+
+def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """
+    Load a LazyConfig file and apply command-line overrides.
+
+    Args:
+        config_file: path of a ``.py`` (or saved ``.yaml``) LazyConfig.
+        overrides: ``"a.b=value"`` strings (hydra override grammar). A key must exist in
+            the config; ``"+a.b=value"`` adds a new key.
+
+    Returns:
+        the config.
+
+    Raises:
+        FileNotFoundError: if ``config_file`` does not exist.
+        KeyError: if an override names a key that the config does not have.
+        ValueError: if an override is not of the form ``key=value``.
+    """
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file {config_file!r} does not exist")
+    cfg = LazyConfig.load(config_file)
+    for override in overrides:
+        _check_override_key(cfg, override, config_file)
+    return LazyConfig.apply_overrides(cfg, list(overrides))
+
+
+def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> None:
+    key, sep, _ = override.partition("=")
+    if not sep or not key.lstrip("+"):
+        raise ValueError(f"Override {override!r} is not of the form key=value")
+    if key.startswith("+"):
+        return  # hydra's syntax to add a key
+    missing = object()
+    if OmegaConf.select(cfg, key, default=missing) is not missing:
+        return
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    hint = ""
+    if isinstance(parent, DictConfig):
+        prefix = f"{parent_key}." if parent_key else ""
+        close = difflib.get_close_matches(leaf, [str(k) for k in parent.keys()], n=3)
+        if close:
+            hint = " Did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    raise KeyError(
+        f"Override {override!r}: the config {config_file!r} has no key {key!r}.{hint} "
+        f"Write '+{key}=...' to add a new key."
+    )
+
+
+def _iteration_seed(base_seed: int, rank: int, iteration: int) -> int:
+    """A 32-bit seed that depends only on (base seed, rank, iteration)."""
+    return int(np.random.SeedSequence([base_seed, rank, iteration]).generate_state(1)[0])
+
+
+class _EndOfTrainingSafe(ParamScheduler):
+    """
+    fvcore ParamSchedulers are defined on ``where`` in [0, 1) (``ConstantParamScheduler`` and
+    rescaled ``CompositeParamScheduler`` intervals raise at 1), but detectron2's LRScheduler
+    hook also steps after the last iteration, asking for ``where = max_iter / max_iter = 1``.
+    That rate is never used: answer it with the rate of the last iteration.
+    """
+
+    def __init__(self, scheduler: ParamScheduler, *, max_iter: int):
+        self._scheduler = scheduler
+        self._last_where = (max_iter - 1) / max_iter
+
+    def __call__(self, where: float) -> float:
+        return self._scheduler(min(where, self._last_where))
+
+
+class DeviceAMPTrainer(AMPTrainer):
+    """
+    detectron2's :class:`AMPTrainer` on any device. Its ``run_step`` asserts that CUDA is
+    available and uses ``torch.cuda.amp.autocast``; this one autocasts on the device of the
+    model's parameters with ``torch.autocast``, so AMP also runs on CPU (in bfloat16).
+    Gradients are scaled only for float16: bfloat16 has the exponent range of float32.
+    The grad scaler's state is checkpointed by :meth:`AMPTrainer.state_dict`.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        data_loader: Any,
+        optimizer: torch.optim.Optimizer,
+        precision: torch.dtype,
+    ):
+        """
+        Args:
+            model: returns a dict of losses in training mode.
+            data_loader: an iterable of training batches.
+            optimizer: the optimizer; any gradient clipping must happen in its ``step``
+                (see :func:`codetr.engine.optimizer.add_gradient_clipping`), which runs after
+                the gradients are unscaled.
+            precision: ``torch.float16`` or ``torch.bfloat16``.
+        """
+        if precision not in _AMP_PRECISIONS.values():
+            raise ValueError(
+                f"DeviceAMPTrainer(precision=) must be float16 or bfloat16, got {precision}"
+            )
+        self.device_type = next(model.parameters()).device.type
+        grad_scaler = torch.amp.GradScaler(self.device_type, enabled=precision == torch.float16)
+        super().__init__(
+            model, data_loader, optimizer, grad_scaler=grad_scaler, precision=precision
+        )
+
+    def run_step(self) -> None:
+        assert self.model.training, "[DeviceAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast(device_type=self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
+class LazyConfigTrainer(DefaultTrainer):
+    """
+    :class:`DefaultTrainer` configured by a LazyConfig.
+
+    It builds the model on ``cfg.train.device``, the optimizer from ``cfg.optimizer`` (with
+    global gradient-norm clipping inside ``step`` when ``cfg.train.clip_grad.enabled``), the
+    training loader, DDP when there are several processes, a :class:`SimpleTrainer` or (with
+    ``cfg.train.amp.enabled``) a :class:`DeviceAMPTrainer`, the LR scheduler
+    ``LRMultiplier(cfg.lr_multiplier)``, an :class:`AtomicCheckpointer` and the hooks
+    IterationTimer, LRScheduler, PeriodicCheckpointer, EvalHook and PeriodicWriter.
+
+    Exact resume: a checkpoint holds the model, the iteration, the optimizer, the scheduler
+    and the grad scaler. With ``cfg.train.seed >= 0`` every iteration also reseeds the
+    random generators of python, numpy and torch from (seed, rank, iteration), and a resumed
+    run replays (loads and drops) the training batches of the iterations already done
+    before it continues. So an interrupted and resumed run computes the same weights as an
+    uninterrupted one, at the cost of reading the data of the done iterations once more.
+    With ``cfg.train.seed < 0`` the resumed run continues with new random data.
+
+    Example::
+
+        cfg = load_lazy_config("configs/toy/dino_toy.py", ["train.max_iter=10"])
+        trainer = LazyConfigTrainer(cfg)
+        trainer.resume_or_load(resume=True)
+        trainer.train()
+    """
+
+    def __init__(self, cfg: DictConfig):
+        """
+        Args:
+            cfg: the LazyConfig (see the module docstring for the fields it needs).
+        """
+        TrainerBase.__init__(self)  # DefaultTrainer.__init__ reads yacs keys
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        self.cfg = cfg
+        self.seed: Optional[int] = cfg.train.seed if cfg.train.seed >= 0 else None
+        if self.seed is not None:
+            # As default_setup does: the model's initial weights and the order of the
+            # training data then depend only on the seed, also without default_setup.
+            seed_all_rng(self.seed + comm.get_rank())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.build_ddp_model(cfg, model)
+        self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(
+            model, cfg.train.output_dir, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.train.max_iter
+        self._last_eval_results: Optional[Dict[str, Any]] = None
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg: DictConfig) -> torch.nn.Module:
+        """``instantiate(cfg.model)`` on ``cfg.train.device``."""
+        model = instantiate(cfg.model).to(train_device(cfg))
+        logger.info(f"Model:\n{model}")
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """
+        ``instantiate(cfg.optimizer)`` with ``cfg.optimizer.params.model = model``, plus
+        gradient clipping from ``cfg.train.clip_grad`` (``enabled``, ``max_norm``,
+        ``norm_type``).
+        """
+        cfg.optimizer.params.model = model
+        optimizer = instantiate(cfg.optimizer)
+        clip = cfg.train.clip_grad
+        if clip.enabled:
+            add_gradient_clipping(optimizer, max_norm=clip.max_norm, norm_type=clip.norm_type)
+        return optimizer
+
+    @classmethod
+    def build_train_loader(cls, cfg: DictConfig) -> Any:
+        """``instantiate(cfg.dataloader.train)``."""
+        return instantiate(cfg.dataloader.train)
+
+    @classmethod
+    def build_ddp_model(cls, cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module:
+        """
+        Wrap ``model`` in DistributedDataParallel when there are several processes, with the
+        keyword arguments ``cfg.train.ddp``. CPU processes (gloo) get ``device_ids=None``.
+        """
+        ddp_kwargs = dict(cfg.train.ddp)
+        if train_device(cfg).type == "cpu":
+            ddp_kwargs["device_ids"] = None
+        return create_ddp_model(model, **ddp_kwargs)
+
+    @classmethod
+    def build_step_trainer(
+        cls,
+        cfg: DictConfig,
+        model: torch.nn.Module,
+        data_loader: Any,
+        optimizer: torch.optim.Optimizer,
+    ) -> SimpleTrainer:
+        """
+        :class:`DeviceAMPTrainer` when ``cfg.train.amp.enabled`` (``cfg.train.amp.precision``
+        "float16", "bfloat16" or "auto": float16 on CUDA, bfloat16 elsewhere), else
+        :class:`SimpleTrainer`.
+        """
+        amp = cfg.train.amp
+        if not amp.enabled:
+            return SimpleTrainer(model, data_loader, optimizer)
+        name = amp.precision
+        if name == "auto":
+            name = "float16" if train_device(cfg).type == "cuda" else "bfloat16"
+        if name not in _AMP_PRECISIONS:
+            raise ValueError(
+                f"cfg.train.amp.precision must be 'auto', 'float16' or 'bfloat16', got {name!r}"
+            )
+        return DeviceAMPTrainer(
+            model=model,
+            data_loader=data_loader,
+            optimizer=optimizer,
+            precision=_AMP_PRECISIONS[name],
+        )
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: DictConfig, optimizer: torch.optim.Optimizer) -> LRMultiplier:
+        """
+        ``LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), cfg.train.max_iter)``: the
+        fvcore ParamScheduler is read at the fraction ``iteration / max_iter`` of training
+        (it need not accept 1, see :class:`_EndOfTrainingSafe`).
+        """
+        max_iter = cfg.train.max_iter
+        multiplier = _EndOfTrainingSafe(instantiate(cfg.lr_multiplier), max_iter=max_iter)
+        return LRMultiplier(optimizer, multiplier, max_iter)
+
+    def build_hooks(self) -> List[Optional[HookBase]]:
+        """
+        IterationTimer, LRScheduler, PeriodicCheckpointer (main process,
+        ``cfg.train.checkpointer``), EvalHook (``cfg.train.eval_period``), PeriodicWriter (main
+        process, ``cfg.train.log_period``). ``None`` entries are dropped by ``register_hooks``.
+        """
+        cfg = self.cfg
+        is_main = comm.is_main_process()
+
+        def test_and_save_results() -> Dict[str, Any]:
+            self._last_eval_results = self.test(cfg, self.model)
+            return self._last_eval_results
+
+        return [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(),
+            (
+                hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer)
+                if is_main
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, test_and_save_results),
+            (
+                hooks.PeriodicWriter(self.build_writers(), period=cfg.train.log_period)
+                if is_main
+                else None
+            ),
+        ]
+
+    def build_writers(self) -> List[EventWriter]:
+        """detectron2's ``default_writers`` in ``cfg.train.output_dir``."""
+        return default_writers(self.cfg.train.output_dir, self.max_iter)
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """
+        With ``resume`` and a ``last_checkpoint`` in ``cfg.train.output_dir``: load the model
+        and the whole training state from it and continue after its iteration. Otherwise load
+        only the model weights of ``cfg.train.init_checkpoint`` (if set) and start at 0.
+        """
+        self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            # The checkpoint holds the iteration that had just finished.
+            self.start_iter = self.iter + 1
+
+    def run_step(self) -> None:
+        if self.seed is not None:
+            seed_all_rng(_iteration_seed(self.seed, comm.get_rank(), self.iter))
+        super().run_step()
+
+    def train(self) -> Optional[Dict[str, Any]]:
+        """
+        Train from ``start_iter`` to ``cfg.train.max_iter``.
+
+        Returns:
+            the results of the last evaluation, if any ran.
+        """
+        self._replay_training_data()
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        return self._last_eval_results
+
+    def _replay_training_data(self) -> None:
+        """Advance the training data stream past the iterations a resumed run has done."""
+        if not 0 < self.start_iter < self.max_iter:
+            return
+        if self.seed is None:
+            logger.warning(
+                "cfg.train.seed < 0: the resumed run does not continue the same data stream "
+                "and random numbers; set train.seed >= 0 for an exact resume."
+            )
+            return
+        logger.info(f"Replaying the training data of iterations 0..{self.start_iter - 1} ...")
+        rank = comm.get_rank()
+        for iteration in range(self.start_iter):
+            seed_all_rng(_iteration_seed(self.seed, rank, iteration))
+            next(self._trainer._data_loader_iter)
+
+    @classmethod
+    def test(cls, cfg: DictConfig, model: torch.nn.Module) -> Dict[str, Any]:
+        """
+        Run ``model`` on ``cfg.dataloader.test`` and evaluate it with
+        ``cfg.dataloader.evaluator``; the main process logs the results table.
+
+        Returns:
+            the evaluator's results (empty when the config has no evaluator).
+        """
+        if "evaluator" not in cfg.dataloader:
+            logger.warning("cfg.dataloader has no evaluator: skipping evaluation.")
+            return {}
+        results = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        if comm.is_main_process():
+            print_csv_format(results)
+        return results

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""
+Train or evaluate a Co-DETR model described by a LazyConfig.
+
+    python train_net.py --config-file configs/toy/dino_toy.py [--eval-only] [--resume]
+        [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [key=value ...]
+
+- ``key=value`` overrides config fields (``train.max_iter=100``,
+  ``dataloader.train.total_batch_size=8``); a key missing from the config is an error, use
+  ``+key=value`` to add one.
+- ``--resume`` continues from the last checkpoint in ``train.output_dir`` (exactly, when
+  ``train.seed >= 0``); without it, training starts at iteration 0 from the weights of
+  ``train.init_checkpoint``.
+- ``--eval-only`` evaluates ``train.init_checkpoint`` (with ``--resume``: the last checkpoint
+  of ``train.output_dir``) on ``dataloader.test`` with ``dataloader.evaluator``.
+- ``--num-gpus N`` starts N processes on this machine, one per GPU. Without GPUs it starts N
+  CPU processes that train together with the gloo backend (set ``train.device=cpu``, the
+  default when no GPU is visible); ``dataloader.train.total_batch_size`` must be divisible
+  by the total number of processes.
+"""
+
+import argparse
+import sys
+from typing import Any, Dict, List, Optional
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from codetr.engine import LazyConfigTrainer, load_lazy_config
+
+
+def main(args) -> Optional[Dict[str, Any]]:
+    """
+    Run one process of the job described by the parsed command line ``args``.
+
+    Returns:
+        the evaluation results (of the last evaluation when training), if any.
+    """
+    cfg = load_lazy_config(args.config_file, args.opts or [])
+    default_setup(cfg, args)  # sets up the "detectron2" and "fvcore" loggers
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="codetr")
+
+    if args.eval_only:
+        model = LazyConfigTrainer.build_model(cfg)
+        model = LazyConfigTrainer.build_ddp_model(cfg, model)
+        DetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume
+        )
+        return LazyConfigTrainer.test(cfg, model)
+
+    trainer = LazyConfigTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    """detectron2's ``default_argument_parser``, with this script's usage as its epilog."""
+    return default_argument_parser(epilog=__doc__)
+
+
+def invoke_main(argv: Optional[List[str]] = None) -> None:
+    """Parse ``argv``, check the config and its overrides, and launch :func:`main`."""
+    parser = build_argument_parser()
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        parser.error("--config-file is required")
+    # A bad config path or override key fails here once, not in every worker process.
+    load_lazy_config(args.config_file, args.opts or [])
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main(sys.argv[1:])  # pragma: no cover
