@@ -1,0 +1,12 @@
+"""Conversion of external checkpoints (the authors' Co-DETR models, torchvision ResNets) to our
+parameter names."""
+from .official import (
+    ConversionReport,
+    convert_official_state_dict,
+    is_auxiliary_key,
+    load_official_checkpoint,
+    official_key_to_ours,
+)
+from .resnet import convert_torchvision_resnet, torchvision_resnet_key
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

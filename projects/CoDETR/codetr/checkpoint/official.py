@@ -1,0 +1,361 @@
+"""
+Conversion of the authors' Co-DETR checkpoints (mmdet 2.x ``{"meta", "state_dict"}``, see
+spec §5) to our parameter names, checked against an instantiated model.
+
+Authors' name -> ours (``T.`` = ``query_head.transformer.``, ``Q.`` = ``query_head.``):
+
+- ``backbone.*`` in torchvision ResNet names -> detectron2 ResNet names (``resnet.py``)
+- ``neck.{convs,extra_convs}.i.conv.weight`` / ``.gn.*`` -> ``neck.{...}.i.weight`` /
+  ``.norm.*``
+- ``T.level_embeds`` -> ``Q.level_embeds``
+- ``T.encoder.layers.i.attentions.0.*`` -> ``Q.encoder.layers.i.self_attn.*``
+- ``T.decoder.layers.i.attentions.0.attn.*`` -> ``Q.decoder.layers.i.self_attn.*``
+- ``T.decoder.layers.i.attentions.1.*`` -> ``Q.decoder.layers.i.cross_attn.*``
+- ``T.{encoder,decoder}.layers.i.ffns.0.layers.0.0.*`` / ``.layers.1.*`` ->
+  ``Q.{...}.layers.i.ffn.linear1.*`` / ``.linear2.*``
+- ``T.{encoder,decoder}.layers.i.norms.{0,1,2}.*`` -> ``Q.{...}.layers.i.norm{1,2,3}.*``
+- ``T.decoder.{ref_point_head,norm}.*`` -> ``Q.decoder.{ref_point_head,norm}.*``
+- ``T.{enc_output,enc_output_norm,query_embed}.*`` -> ``Q.{same}.*``
+- ``Q.cls_branches.k.*`` -> ``Q.class_heads.k.*``; ``Q.reg_branches.k.{0,2,4}.*`` ->
+  ``Q.box_heads.k.{0,2,4}.*`` (k = num decoder layers: the encoder-proposal heads)
+- ``Q.label_embedding.weight`` -> ``Q.denoising.label_embedding.weight``
+
+Auxiliary parts (converted only with ``keep_aux``):
+
+- ``Q.downsample.{0,1}.*`` -> ``aux_extra_level.{0,1}.*``
+- ``T.aux_pos_trans.k.*`` / ``T.aux_pos_trans_norm.k.*`` -> ``positive_queries.projections.k'.*``
+  / ``positive_queries.norms.k'.*``
+- ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*`` ->
+  ``aux_heads.r.rpn.rpn_head.{conv,objectness_logits,anchor_deltas}.*``
+- ``roi_head.j.bbox_head.{shared_fcs.0,shared_fcs.1,fc_cls,fc_reg}.*`` ->
+  ``aux_heads.r.roi_heads.{box_head.fc1,box_head.fc2,box_predictor.cls_score,
+  box_predictor.bbox_pred}.*``
+- ``bbox_head.j.{cls_convs,reg_convs}.i.conv.weight`` / ``.gn.*`` ->
+  ``aux_heads.a.{cls_tower,bbox_tower}.i.weight`` / ``.norm.*``
+- ``bbox_head.j.{atss_cls,atss_reg,atss_centerness,scales.l}.*`` ->
+  ``aux_heads.a.{cls_score,bbox_pred,centerness,scales.l}.*``
+
+``roi_head.j`` is our j-th "two-stage" auxiliary head ``r`` (``rpn_head`` goes to the first),
+``bbox_head.j`` our j-th "one-stage" head ``a``. The authors number the positive-query branches
+RoI heads first, then dense heads; ``k'`` is the position of that head in our ``aux_heads``.
+mmdet orders the anchors of a location ratio-major, detectron2 size-major: the output channels
+of ``rpn_cls`` and the 4-channel groups of ``rpn_reg`` are permuted accordingly.
+
+BatchNorm ``num_batches_tracked`` counters are dropped when the model has none (FrozenBN).
+The Co-Deformable-DETR-only names (``T.pos_trans``, ``Q.query_embedding``, ...) and
+non-ResNet backbones are not covered yet: they are reported as unused.
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .resnet import torchvision_resnet_key
+
+__all__ = [
+    "ConversionReport",
+    "load_official_checkpoint",
+    "official_key_to_ours",
+    "is_auxiliary_key",
+    "convert_official_state_dict",
+]
+
+# authors' names that belong to the auxiliary heads and the positive-query branch
+_AUX_SOURCE = re.compile(
+    r"(rpn_head|roi_head|bbox_head)\.|query_head\.downsample\."
+    r"|query_head\.transformer\.(aux_pos_trans|aux_pos_trans_norm|pos_feats_trans"
+    r"|pos_feats_norm|head_pos_embed)\."
+)
+# our names of the same parts
+_AUX_TARGET = re.compile(r"(aux_heads|aux_extra_level|positive_queries)\.")
+# exponential-moving-average copies of some checkpoints (ViT-L): not model weights
+_EMA_SOURCE = re.compile(r"ema_")
+_COUNTER = ".num_batches_tracked"
+
+_T = r"query_head\.transformer\."
+_LAYER = _T + r"(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
+_PARAM = r"(?P<param>\w+)"
+_NECK = r"neck\.(?P<kind>convs|extra_convs)\.(?P<i>\d+)\."
+
+# (authors' name pattern, our name template); templates are filled with the named groups, with
+# ``norm`` = the authors' norm index + 1 and ``fc1`` = the authors' FC index + 1
+_RULES: List[Tuple[str, str]] = [
+    (_NECK + r"conv\.weight", "neck.{kind}.{i}.weight"),
+    (_NECK + r"gn\." + _PARAM, "neck.{kind}.{i}.norm.{param}"),
+    (_T + r"level_embeds", "query_head.level_embeds"),
+    (_T + r"encoder\.layers\.(?P<i>\d+)\.attentions\.0\.(?P<rest>[\w.]+)",
+     "query_head.encoder.layers.{i}.self_attn.{rest}"),
+    (_T + r"decoder\.layers\.(?P<i>\d+)\.attentions\.0\.attn\.(?P<rest>[\w.]+)",
+     "query_head.decoder.layers.{i}.self_attn.{rest}"),
+    (_T + r"decoder\.layers\.(?P<i>\d+)\.attentions\.1\.(?P<rest>[\w.]+)",
+     "query_head.decoder.layers.{i}.cross_attn.{rest}"),
+    (_LAYER + r"ffns\.0\.layers\.0\.0\." + _PARAM,
+     "query_head.{stack}.layers.{i}.ffn.linear1.{param}"),
+    (_LAYER + r"ffns\.0\.layers\.1\." + _PARAM,
+     "query_head.{stack}.layers.{i}.ffn.linear2.{param}"),
+    (_LAYER + r"norms\.(?P<n>\d)\." + _PARAM,
+     "query_head.{stack}.layers.{i}.norm{norm}.{param}"),
+    (_T + r"decoder\.(?P<part>ref_point_head\.\d+|norm)\." + _PARAM,
+     "query_head.decoder.{part}.{param}"),
+    (_T + r"(?P<part>enc_output|enc_output_norm|query_embed)\." + _PARAM,
+     "query_head.{part}.{param}"),
+    (r"query_head\.cls_branches\.(?P<k>\d+)\." + _PARAM, "query_head.class_heads.{k}.{param}"),
+    (r"query_head\.reg_branches\.(?P<k>\d+)\.(?P<j>\d+)\." + _PARAM,
+     "query_head.box_heads.{k}.{j}.{param}"),
+    (r"query_head\.label_embedding\.weight", "query_head.denoising.label_embedding.weight"),
+    # auxiliary parts; {rcnn}, {atss} and {pos} are our indices of the authors' heads
+    (r"query_head\.downsample\.(?P<j>\d+)\." + _PARAM, "aux_extra_level.{j}.{param}"),
+    (_T + r"aux_pos_trans\.(?P<pos>\d+)\." + _PARAM,
+     "positive_queries.projections.{pos}.{param}"),
+    (_T + r"aux_pos_trans_norm\.(?P<pos>\d+)\." + _PARAM,
+     "positive_queries.norms.{pos}.{param}"),
+    (r"rpn_head\.rpn_conv\." + _PARAM, "aux_heads.{rpn}.rpn.rpn_head.conv.{param}"),
+    (r"rpn_head\.rpn_cls\." + _PARAM, "aux_heads.{rpn}.rpn.rpn_head.objectness_logits.{param}"),
+    (r"rpn_head\.rpn_reg\." + _PARAM, "aux_heads.{rpn}.rpn.rpn_head.anchor_deltas.{param}"),
+    (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.shared_fcs\.(?P<fc>\d+)\." + _PARAM,
+     "aux_heads.{rcnn}.roi_heads.box_head.fc{fc1}.{param}"),
+    (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.fc_cls\." + _PARAM,
+     "aux_heads.{rcnn}.roi_heads.box_predictor.cls_score.{param}"),
+    (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.fc_reg\." + _PARAM,
+     "aux_heads.{rcnn}.roi_heads.box_predictor.bbox_pred.{param}"),
+    (r"bbox_head\.(?P<atss>\d+)\.cls_convs\.(?P<i>\d+)\.conv\.weight",
+     "aux_heads.{atss}.cls_tower.{i}.weight"),
+    (r"bbox_head\.(?P<atss>\d+)\.cls_convs\.(?P<i>\d+)\.gn\." + _PARAM,
+     "aux_heads.{atss}.cls_tower.{i}.norm.{param}"),
+    (r"bbox_head\.(?P<atss>\d+)\.reg_convs\.(?P<i>\d+)\.conv\.weight",
+     "aux_heads.{atss}.bbox_tower.{i}.weight"),
+    (r"bbox_head\.(?P<atss>\d+)\.reg_convs\.(?P<i>\d+)\.gn\." + _PARAM,
+     "aux_heads.{atss}.bbox_tower.{i}.norm.{param}"),
+    (r"bbox_head\.(?P<atss>\d+)\.atss_cls\." + _PARAM, "aux_heads.{atss}.cls_score.{param}"),
+    (r"bbox_head\.(?P<atss>\d+)\.atss_reg\." + _PARAM, "aux_heads.{atss}.bbox_pred.{param}"),
+    (r"bbox_head\.(?P<atss>\d+)\.atss_centerness\." + _PARAM,
+     "aux_heads.{atss}.centerness.{param}"),
+    (r"bbox_head\.(?P<atss>\d+)\.scales\.(?P<level>\d+)\.scale",
+     "aux_heads.{atss}.scales.{level}.scale"),
+]
+_COMPILED_RULES = [(re.compile(pattern), template) for pattern, template in _RULES]
+
+
+@dataclass
+class ConversionReport:
+    """
+    What a conversion could not do. It succeeded when ``unused``, ``missing`` and
+    ``shape_mismatches`` are all empty.
+
+    Attributes:
+        unused: authors' keys that filled no parameter of the model (no rule maps them, or the
+            model has no parameter of that name).
+        missing: model keys that no authors' key filled.
+        shape_mismatches: (authors' key, our key, authors' shape, our shape); not converted.
+        dropped: authors' keys left out on purpose (auxiliary parts without ``keep_aux``,
+            EMA copies).
+    """
+
+    unused: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    shape_mismatches: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]] = field(
+        default_factory=list
+    )
+    dropped: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unused or self.missing or self.shape_mismatches)
+
+    def summary(self) -> str:
+        """A human-readable listing of every problem (and the count of dropped keys)."""
+        lines = [f"{len(self.dropped)} auxiliary / EMA keys dropped on purpose."]
+        if self.unused:
+            lines.append(f"{len(self.unused)} keys of the checkpoint were not used:")
+            lines += [f"  {k}" for k in self.unused]
+        if self.missing:
+            lines.append(f"{len(self.missing)} keys of the model were not filled:")
+            lines += [f"  {k}" for k in self.missing]
+        if self.shape_mismatches:
+            lines.append(f"{len(self.shape_mismatches)} shape mismatches (checkpoint -> model):")
+            lines += [
+                f"  {src} {tuple(src_shape)} -> {dst} {tuple(dst_shape)}"
+                for src, dst, src_shape, dst_shape in self.shape_mismatches
+            ]
+        return "\n".join(lines)
+
+
+def load_official_checkpoint(path: str) -> Dict[str, Tensor]:
+    """
+    Reads the ``state_dict`` of an authors' checkpoint file (tensors only are unpickled).
+
+    Raises:
+        ValueError: naming the file, when it cannot be read, holds no state dict, or is
+            already in detectron2's ``{"model": ...}`` layout.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"Cannot read checkpoint {path!r} as a PyTorch file of tensors (corrupted, "
+            f"truncated, or not a checkpoint): {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"Checkpoint {path!r} holds a {type(checkpoint).__name__}, expected the authors' "
+            f"dict {{'meta', 'state_dict'}}"
+        )
+    if "state_dict" in checkpoint:
+        state_dict = checkpoint["state_dict"]
+    elif "model" in checkpoint:
+        raise ValueError(
+            f"Checkpoint {path!r} has a 'model' entry: it looks like a detectron2 checkpoint "
+            f"already, not one in the authors' layout {{'meta', 'state_dict'}}"
+        )
+    else:
+        state_dict = checkpoint
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(v, Tensor) for v in state_dict.values()
+    ):
+        raise ValueError(
+            f"Checkpoint {path!r}: its state dict is not a mapping of names to tensors"
+        )
+    return state_dict
+
+
+def is_auxiliary_key(key: str) -> bool:
+    """Whether an authors' key belongs to the auxiliary heads or the positive-query branch."""
+    return _AUX_SOURCE.match(key) is not None
+
+
+def _auxiliary_indices(aux_head_kinds: Sequence[str]) -> Dict[str, Dict[int, int]]:
+    """For each authors' index family, authors' index -> our index in ``aux_heads``."""
+    two_stage = [i for i, kind in enumerate(aux_head_kinds) if kind == "two-stage"]
+    one_stage = [i for i, kind in enumerate(aux_head_kinds) if kind == "one-stage"]
+    return {
+        "rcnn": dict(enumerate(two_stage)),
+        "rpn": dict(enumerate(two_stage[:1])),
+        "atss": dict(enumerate(one_stage)),
+        "pos": dict(enumerate(two_stage + one_stage)),
+    }
+
+
+def official_key_to_ours(key: str, aux_head_kinds: Sequence[str] = ()) -> Optional[str]:
+    """
+    Our name of one authors' parameter, or None when no rule covers it.
+
+    Args:
+        key: the authors' name, e.g. ``query_head.transformer.decoder.layers.0.norms.1.bias``.
+        aux_head_kinds: the ``kind`` of each of our ``aux_heads`` in order ("two-stage" for
+            the RPN + RoI head, "one-stage" for ATSS); auxiliary keys whose head does not
+            exist there map to None.
+    """
+    if key.startswith("backbone."):
+        name = torchvision_resnet_key(key[len("backbone."):])
+        return None if name is None else "backbone." + name
+    indices = _auxiliary_indices(aux_head_kinds)
+    for pattern, template in _COMPILED_RULES:
+        match = pattern.fullmatch(key)
+        if match is None:
+            continue
+        values = match.groupdict()
+        if "n" in values:
+            values["norm"] = int(values["n"]) + 1
+        if "fc" in values:
+            values["fc1"] = int(values["fc"]) + 1
+        if "{rpn}" in template:  # the authors' single RPN belongs to our first RoI head
+            values["rpn"] = "0"
+        for family in ("rcnn", "rpn", "atss", "pos"):
+            if family in values:
+                ours = indices[family].get(int(values[family]))
+                if ours is None:
+                    return None
+                values[family] = ours
+        return template.format(**values)
+    return None
+
+
+def _rpn_anchor_permutation(cell_anchors: Tensor) -> Tensor:
+    """
+    Index into the authors' anchors of a location for each of our anchors.
+
+    Ours (detectron2) enumerate sizes then aspect ratios, mmdet ratios then scales; the number
+    of aspect ratios is read off our anchors (h / w of the first level's cell anchors).
+    """
+    widths = cell_anchors[:, 2] - cell_anchors[:, 0]
+    heights = cell_anchors[:, 3] - cell_anchors[:, 1]
+    ratios = torch.round(heights / widths, decimals=4).tolist()
+    num_anchors, num_ratios = len(ratios), len(dict.fromkeys(ratios))
+    num_sizes = num_anchors // num_ratios
+    # ours: size s, ratio r at s * num_ratios + r; authors': r * num_sizes + s
+    return torch.tensor(
+        [r * num_sizes + s for s in range(num_sizes) for r in range(num_ratios)]
+    )
+
+
+def _value_transforms(model: nn.Module) -> Dict[str, Callable[[Tensor], Tensor]]:
+    """Per target key, a function applied to the authors' tensor (RPN anchor order)."""
+    transforms = {}
+    for index, head in enumerate(getattr(model, "aux_heads", [])):
+        rpn = getattr(head, "rpn", None)
+        if rpn is None:
+            continue
+        cell_anchors = next(iter(rpn.anchor_generator.cell_anchors))
+        order = _rpn_anchor_permutation(cell_anchors.cpu())
+        prefix = f"aux_heads.{index}.rpn.rpn_head."
+        for param in ("weight", "bias"):
+            transforms[f"{prefix}objectness_logits.{param}"] = lambda t, o=order: t[o]
+            transforms[f"{prefix}anchor_deltas.{param}"] = lambda t, o=order: (
+                t.reshape(len(o), 4, *t.shape[1:])[o].reshape(t.shape)
+            )
+    return transforms
+
+
+def convert_official_state_dict(
+    state_dict: Dict[str, Tensor], model: nn.Module, *, keep_aux: bool = False
+) -> Tuple[Dict[str, Tensor], ConversionReport]:
+    """
+    Renames an authors' state dict for ``model`` and checks it against the model's own.
+
+    Args:
+        state_dict: the authors' parameters (the ``state_dict`` entry of their checkpoint).
+        model: an instance of the target model (its state dict gives the expected keys and
+            shapes, its ``aux_heads`` the auxiliary-head layout).
+        keep_aux: convert the auxiliary heads, the extra downsampled level and the positive
+            query projections as well; otherwise they are dropped and the model's own
+            auxiliary parameters are not expected.
+    Returns:
+        the converted state dict (only keys the model has, with matching shapes) and the
+        report of what did not convert.
+    """
+    target = model.state_dict()
+    kinds = [getattr(head, "kind", type(head).__name__) for head in getattr(model, "aux_heads", [])]
+    transforms = _value_transforms(model)
+    report = ConversionReport()
+    converted: Dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if _EMA_SOURCE.match(key) or (not keep_aux and is_auxiliary_key(key)):
+            report.dropped.append(key)
+            continue
+        new_key = official_key_to_ours(key, kinds)
+        if new_key is None or new_key not in target:
+            if not key.endswith(_COUNTER):
+                report.unused.append(key)
+            continue
+        if value.shape != target[new_key].shape:
+            report.shape_mismatches.append(
+                (key, new_key, tuple(value.shape), tuple(target[new_key].shape))
+            )
+            continue
+        if new_key in transforms:  # shape-preserving reorderings
+            value = transforms[new_key](value)
+        converted[new_key] = value.contiguous()
+    mismatched = {dst for _, dst, _, _ in report.shape_mismatches}
+    report.missing = [
+        key
+        for key in target
+        if key not in converted
+        and key not in mismatched
+        and not key.endswith(_COUNTER)
+        and (keep_aux or not _AUX_TARGET.match(key))
+    ]
+    return converted, report

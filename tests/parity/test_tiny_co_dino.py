@@ -1,0 +1,156 @@
+"""
+Number-for-number parity of our Co-DINO with the authors' implementation: their tiny Co-DINO
+checkpoint, converted with our converter, must reproduce their stored outputs on the two
+stored images (RGB, normalised, zero-padded at the bottom / right, no resize) to 1e-4
+relative.
+"""
+import unittest
+from typing import List
+
+import torch
+from detectron2.config import instantiate
+from detectron2.structures import Instances
+from torch import Tensor
+
+from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
+
+from . import (
+    TINY_CO_DINO_CHECKPOINT,
+    load_reference_outputs,
+    reference_inputs,
+    tiny_co_dino_config,
+)
+
+RELATIVE_TOLERANCE = 1e-4
+
+
+def assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
+    """|actual - expected| <= 1e-4 * max|expected| everywhere, same shape."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    scale = expected.abs().max().clamp(min=1e-12)
+    error = (actual - expected).abs().max() / scale
+    if error > RELATIVE_TOLERANCE:
+        raise AssertionError(f"{what}: relative error {error.item():.3g} > {RELATIVE_TOLERANCE}")
+
+
+def load_converted_model(with_aux_heads: bool):
+    model = instantiate(tiny_co_dino_config(with_aux_heads)).eval()
+    converted, report = convert_official_state_dict(
+        load_official_checkpoint(TINY_CO_DINO_CHECKPOINT), model, keep_aux=with_aux_heads
+    )
+    assert report.ok, report.summary()
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def per_class_detections(result: Instances, num_classes: int) -> List[Tensor]:
+    """Our detections in the authors' format: per class an (n, 5) x1, y1, x2, y2, score."""
+    rows = torch.cat([result.pred_boxes.tensor, result.scores[:, None]], 1)
+    return [rows[result.pred_classes == c] for c in range(num_classes)]
+
+
+class DetectionsMixin:
+    def assert_same_detections(
+        self, results: List[Instances], expected: List[List[Tensor]], what: str
+    ) -> None:
+        """Same number per image and class; same boxes and scores, both sorted by score."""
+        self.assertEqual(len(results), len(expected))
+        for image, (result, reference) in enumerate(zip(results, expected)):
+            self.assertGreater(sum(len(r) for r in reference), 0)
+            ours = per_class_detections(result, len(reference))
+            for label, (mine, theirs) in enumerate(zip(ours, reference)):
+                name = f"{what} image {image} class {label}"
+                self.assertEqual(len(mine), len(theirs), name)
+                if len(theirs):
+                    mine = mine[mine[:, 4].argsort(descending=True, stable=True)]
+                    theirs = theirs[theirs[:, 4].argsort(descending=True, stable=True)]
+                    assert_close(mine[:, :4], theirs[:, :4], f"{name} boxes")
+                    assert_close(mine[:, 4], theirs[:, 4], f"{name} scores")
+
+
+class TestTinyCoDINOParity(DetectionsMixin, unittest.TestCase):
+    """The DINO path (eval_module="detr") of the tiny model without auxiliary heads."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = load_converted_model(with_aux_heads=False)
+        cls.reference = load_reference_outputs()
+        cls.inputs = reference_inputs(cls.reference)
+        with torch.no_grad():
+            cls.images = cls.model.preprocess_image(cls.inputs)
+            cls.features = cls.model.neck(cls.model.backbone(cls.images.tensor))
+            cls.memory = cls.model.query_head.encode(
+                cls.features, cls.model.padding_mask(cls.images)
+            )
+
+    def test_inputs_are_padded_bottom_right(self):
+        self.assertEqual(self.images.image_sizes, [(243, 192), (183, 215)])
+        self.assertEqual(tuple(self.images.tensor.shape), (2, 3, 243, 215))
+
+    def test_neck_maps(self):
+        expected = self.reference["neck"]
+        self.assertEqual(len(self.features), len(expected))
+        for level, (ours, theirs) in enumerate(zip(self.features, expected)):
+            assert_close(ours, theirs, f"neck level {level}")
+
+    def test_encoder_memory_maps(self):
+        # the authors' list adds the auxiliary heads' extra level; checked with aux heads below
+        maps = self.memory.to_maps()
+        expected = self.reference["query_head"]["encoder_maps"]
+        self.assertEqual(len(expected), len(maps) + 1)
+        for level, (ours, theirs) in enumerate(zip(maps, expected)):
+            assert_close(ours, theirs, f"encoder memory level {level}")
+
+    def test_encoder_topk_proposals(self):
+        with torch.no_grad():
+            logits, boxes = self.model.query_head.select_proposals(self.memory)
+        expected = self.reference["query_head"]
+        assert_close(logits, expected["enc_topk_scores"], "encoder top-k logits")
+        assert_close(boxes, expected["enc_topk_anchors"], "encoder top-k boxes")
+
+    def test_last_layer_predictions(self):
+        with torch.no_grad():
+            outputs = self.model.query_head.decode(self.memory)
+        expected = self.reference["query_head"]
+        assert_close(outputs["logits"][-1], expected["last_cls_logits"], "last-layer logits")
+        assert_close(outputs["boxes"][-1], expected["last_boxes_cxcywh"], "last-layer boxes")
+
+    def test_detr_detections(self):
+        results = self.model.inference(self.inputs, do_postprocess=False)
+        self.assert_same_detections(results, self.reference["detr"], "detr")
+
+
+class TestTinyCoDINOAuxiliaryParity(DetectionsMixin, unittest.TestCase):
+    """The auxiliary heads' input maps and their test outputs (what eval_module "one-stage" /
+    "two-stage" return)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = load_converted_model(with_aux_heads=True)
+        cls.reference = load_reference_outputs()
+        with torch.no_grad():
+            cls.images = cls.model.preprocess_image(reference_inputs(cls.reference))
+            features = cls.model.neck(cls.model.backbone(cls.images.tensor))
+            memory = cls.model.query_head.encode(features, cls.model.padding_mask(cls.images))
+            cls.aux_features = cls.model.auxiliary_features(memory)
+
+    def _head(self, kind: str):
+        (head,) = [h for h in self.model.aux_heads if h.kind == kind]
+        return head
+
+    def test_auxiliary_feature_maps(self):
+        expected = self.reference["query_head"]["encoder_maps"]
+        self.assertEqual(list(self.aux_features), [f"p{i}" for i in range(2, 8)])
+        for level, (ours, theirs) in enumerate(zip(self.aux_features.values(), expected)):
+            assert_close(ours, theirs, f"auxiliary level {level}")
+
+    def test_one_stage_detections(self):
+        with torch.no_grad():
+            results = self._head("one-stage").inference(self.aux_features, self.images)
+        self.assert_same_detections(results, self.reference["one-stage"], "one-stage")
+
+    def test_two_stage_detections(self):
+        with torch.no_grad():
+            results = self._head("two-stage").inference(self.aux_features, self.images)
+        self.assert_same_detections(results, self.reference["two-stage"], "two-stage")
