@@ -106,23 +106,12 @@ def test_eval_module_needs_a_head_of_that_kind(parts):
         CoDETR(**parts, aux_heads=[FakeAuxHead("two-stage")], eval_module="one-stage")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: meta_arch.py _parse_eval_module accepts a negative index "
-    "('one-stage:-1' silently selects the last one-stage head) instead of raising ValueError",
-)
 def test_eval_module_rejects_negative_index(parts):
     heads = [FakeAuxHead("one-stage"), FakeAuxHead("one-stage")]
     with pytest.raises(ValueError, match="eval_module"):
         CoDETR(**parts, aux_heads=heads, eval_module="one-stage:-1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: meta_arch.py _parse_eval_module calls int() on the index unchecked, so "
-    "'one-stage:first' raises int()'s 'invalid literal' ValueError, which names neither "
-    "eval_module nor the accepted values",
-)
 def test_eval_module_rejects_non_integer_index_clearly(parts):
     with pytest.raises(ValueError, match="eval_module"):
         CoDETR(**parts, aux_heads=[FakeAuxHead("one-stage")], eval_module="one-stage:first")

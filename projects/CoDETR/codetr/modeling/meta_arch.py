@@ -99,11 +99,11 @@ class CoDETR(nn.Module):
             return None
         kind, _, index = eval_module.partition(":")
         candidates = [i for i, h in enumerate(self.aux_heads) if getattr(h, "kind", None) == kind]
-        position = int(index) if index else 0
-        if kind not in ("one-stage", "two-stage") or position >= len(candidates):
+        position = int(index) if index.isdigit() else (0 if index == "" else -1)
+        if kind not in ("one-stage", "two-stage") or not 0 <= position < len(candidates):
             raise ValueError(
                 f"eval_module={eval_module!r}: expected 'detr', 'one-stage[:i]' or "
-                f"'two-stage[:i]' naming one of the auxiliary heads "
+                f"'two-stage[:i]' (i >= 0) naming one of the auxiliary heads "
                 f"{[getattr(h, 'kind', type(h).__name__) for h in self.aux_heads]}"
             )
         return candidates[position]

@@ -121,10 +121,5 @@ class DINOHead(QueryHeadBase):
                 self._fixed_target_losses(l, b, denoising.target_labels, denoising.target_boxes)
                 for l, b in zip(outputs["dn_logits"], outputs["dn_boxes"])
             ]
-            if denoising.num_queries == 0:
-                # no object in the batch: keep the label embedding in the graph so that
-                # distributed training sees a gradient for every parameter
-                unused = self.denoising.label_embedding.weight.sum() * 0.0
-                per_layer[-1] = {k: v + unused for k, v in per_layer[-1].items()}
             losses.update(self._name_layer_losses(per_layer, prefix="dn_"))
         return losses
