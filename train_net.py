@@ -13,6 +13,10 @@ Train or evaluate a Co-DETR model described by a LazyConfig.
   ``train.init_checkpoint``.
 - ``--eval-only`` evaluates ``train.init_checkpoint`` (with ``--resume``: the last checkpoint
   of ``train.output_dir``) on ``dataloader.test`` with ``dataloader.evaluator``.
+- ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) registers a COCO-format dataset
+  under NAME; use it with ``dataloader.train.dataset.names=NAME`` (and ``.test``).
+- The number of classes follows the dataset: ``model.query_head.num_classes`` is set from the
+  ``thing_classes`` of the first training dataset (of the test dataset with ``--eval-only``).
 - ``--num-gpus N`` starts N processes on this machine, one per GPU. Without GPUs it starts N
   CPU processes that train together with the gloo backend (set ``train.device=cpu``, the
   default when no GPU is visible); ``dataloader.train.total_batch_size`` must be divisible
@@ -20,15 +24,27 @@ Train or evaluate a Co-DETR model described by a LazyConfig.
 """
 
 import argparse
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from codetr.data import sync_num_classes
 from codetr.engine import LazyConfigTrainer, load_lazy_config
+
+
+def register_datasets(specs: Optional[List[List[str]]]) -> None:
+    """Registers the ``--register-coco NAME JSON IMAGE_ROOT`` datasets in this process."""
+    for name, json_file, image_root in specs or []:
+        for path in (json_file, image_root):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"--register-coco {name}: {path!r} does not exist")
+        register_coco_instances(name, {}, json_file, image_root)
 
 
 def main(args) -> Optional[Dict[str, Any]]:
@@ -38,7 +54,9 @@ def main(args) -> Optional[Dict[str, Any]]:
     Returns:
         the evaluation results (of the last evaluation when training), if any.
     """
+    register_datasets(args.register_coco)
     cfg = load_lazy_config(args.config_file, args.opts or [])
+    sync_num_classes(cfg, eval_only=args.eval_only)
     default_setup(cfg, args)  # sets up the "detectron2" and "fvcore" loggers
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="codetr")
 
@@ -57,7 +75,15 @@ def main(args) -> Optional[Dict[str, Any]]:
 
 def build_argument_parser() -> argparse.ArgumentParser:
     """detectron2's ``default_argument_parser``, with this script's usage as its epilog."""
-    return default_argument_parser(epilog=__doc__)
+    parser = default_argument_parser(epilog=__doc__)
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    return parser
 
 
 def invoke_main(argv: Optional[List[str]] = None) -> None:
@@ -66,7 +92,8 @@ def invoke_main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error("--config-file is required")
-    # A bad config path or override key fails here once, not in every worker process.
+    # A bad config path, override key or dataset fails here once, not in every worker.
+    register_datasets(args.register_coco)
     load_lazy_config(args.config_file, args.opts or [])
     launch(
         main,

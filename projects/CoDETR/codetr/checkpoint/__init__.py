@@ -1,5 +1,6 @@
 """Conversion of external checkpoints (the authors' Co-DETR models, torchvision ResNets) to our
 parameter names."""
+from .inference import TRAINING_ONLY_PREFIXES, inference_state_dict, is_training_only
 from .official import (
     ConversionReport,
     convert_official_state_dict,

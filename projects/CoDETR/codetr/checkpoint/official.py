@@ -52,6 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .inference import is_training_only
 from .resnet import torchvision_resnet_key
 
 __all__ = [
@@ -69,7 +70,6 @@ _AUX_SOURCE = re.compile(
     r"|pos_feats_norm|head_pos_embed)\."
 )
 # our names of the same parts
-_AUX_TARGET = re.compile(r"(aux_heads|aux_extra_level|positive_queries)\.")
 # exponential-moving-average copies of some checkpoints (ViT-L): not model weights
 _EMA_SOURCE = re.compile(r"ema_")
 _COUNTER = ".num_batches_tracked"
@@ -356,6 +356,6 @@ def convert_official_state_dict(
         if key not in converted
         and key not in mismatched
         and not key.endswith(_COUNTER)
-        and (keep_aux or not _AUX_TARGET.match(key))
+        and (keep_aux or not is_training_only(key))
     ]
     return converted, report

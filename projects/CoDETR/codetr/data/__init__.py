@@ -15,6 +15,7 @@ from .dataset_mapper import (
     build_lsj_test_augmentation,
     build_lsj_train_augmentation,
 )
+from .metadata import sync_num_classes, thing_class_count
 from .toy_dataset import (
     TOY_DATASET_SPLITS,
     TOY_THING_CLASSES,
@@ -26,6 +27,8 @@ from .toy_dataset import (
 )
 
 __all__ = [
+    "sync_num_classes",
+    "thing_class_count",
     "DETR_TRAIN_MIN_SIZES",
     "LSJ_PAD_VALUE",
     "DetrDatasetMapper",
