@@ -14,7 +14,7 @@ Ablation switches:
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
-from codetr.modeling import PositiveQueryBuilder
+from codetr.modeling import DINOPositiveQueryBuilder
 from codetr.modeling.aux_heads import ATSSHead, build_rcnn_aux_head
 
 from .dino_r50 import EMBED_DIM, NUM_CLASSES, model
@@ -43,7 +43,7 @@ model.aux_heads = [
     ),
 ]
 model.aux_loss_weight = 12.0
-model.positive_queries = L(PositiveQueryBuilder)(
+model.positive_queries = L(DINOPositiveQueryBuilder)(
     num_heads=2,
     embed_dim=EMBED_DIM,
     num_classes=NUM_CLASSES,

@@ -7,7 +7,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from omegaconf import OmegaConf
 from torch import nn
 
-from codetr.modeling import CoDETR, DINOHead, PositiveQueryBuilder
+from codetr.modeling import CoDETR, DINOHead, DINOPositiveQueryBuilder
 from codetr.modeling.aux_heads.base import AssignedCoords
 
 from .tiny_models import (
@@ -118,8 +118,8 @@ def test_eval_module_rejects_non_integer_index_clearly(parts):
 
 
 def test_positive_queries_need_one_projection_per_head(parts):
-    builder = PositiveQueryBuilder(num_heads=2, embed_dim=EMBED_DIM, num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match="2 projections"):
+    builder = DINOPositiveQueryBuilder(num_heads=2, embed_dim=EMBED_DIM, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="2 heads"):
         CoDETR(**parts, aux_heads=[FakeAuxHead("one-stage")], positive_queries=builder)
 
 
@@ -234,7 +234,7 @@ def _assignments():
 def test_training_step_with_auxiliary_heads_and_positive_queries():
     torch.manual_seed(0)
     heads = [FakeAuxHead("one-stage", _assignments()), FakeAuxHead("two-stage", _assignments())]
-    builder = PositiveQueryBuilder(
+    builder = DINOPositiveQueryBuilder(
         num_heads=2, embed_dim=EMBED_DIM, num_classes=NUM_CLASSES, min_queries=3, loss_weight=2.0
     )
     model = build_tiny_dino(aux_heads=heads, positive_queries=builder, aux_loss_weight=12.0).train()
@@ -282,7 +282,7 @@ def test_training_step_with_auxiliary_heads_and_positive_queries():
     normalizers = torch.tensor([[64.0, 64.0, 64.0, 64.0], [56.0, 48.0, 56.0, 48.0]])
     with torch.no_grad():
         for k in (0, 1):
-            queries = builder(k, _assignments(), normalizers)
+            queries = builder(k, _assignments(), normalizers, {})
             assert queries.target_labels.tolist() == [[1, 1, 2], [4, 4, 4]]
             expected = model.query_head.extra_query_losses(
                 memory, queries, weight=2.0, suffix=f"_aux{k}"

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from codetr.modeling import ExtraQueries, PositiveQueryBuilder
+from codetr.modeling import DINOPositiveQueryBuilder, ExtraQueries
 from codetr.modeling.aux_heads.base import AssignedCoords
 
 NUM_CLASSES = 3
@@ -17,7 +17,7 @@ def _builder(**kwargs):
         num_heads=2, embed_dim=EMBED_DIM, num_classes=NUM_CLASSES, min_queries=3, max_queries=5
     )
     args.update(kwargs)
-    return PositiveQueryBuilder(**args)
+    return DINOPositiveQueryBuilder(**args)
 
 
 def _assignment(labels, seed=0):
@@ -62,7 +62,7 @@ def test_query_count_rule(positives, expected):
     builder = _builder()
     assignments = [_assignment([0] * n + [BACKGROUND] * 6) for n in positives]
     assert builder.query_count(assignments) == expected
-    queries = builder(0, assignments, torch.full((2, 4), 100.0))
+    queries = builder(0, assignments, torch.full((2, 4), 100.0), {})
     assert queries.content.shape == (2, expected, EMBED_DIM)
     assert queries.reference_boxes.shape == (2, expected, 4)
     assert queries.target_labels.shape == (2, expected)
@@ -84,7 +84,7 @@ def test_extra_positives_dropped_at_random():
     chosen_sets = set()
     for seed in range(8):
         torch.manual_seed(seed)
-        queries = builder(0, [_assignment(labels)], torch.full((1, 4), 100.0))
+        queries = builder(0, [_assignment(labels)], torch.full((1, 4), 100.0), {})
         entries = _entries(queries, 0, 100.0)
         assert len(entries) == 5 and len(set(entries)) == 5
         assert set(entries) <= positive_entries
@@ -98,7 +98,7 @@ def test_padding_with_negatives_as_background():
     labels = [BACKGROUND, 2, BACKGROUND, BACKGROUND, BACKGROUND, BACKGROUND]
     for seed in range(4):
         torch.manual_seed(seed)
-        queries = builder(1, [_assignment(labels)], torch.full((1, 4), 100.0))
+        queries = builder(1, [_assignment(labels)], torch.full((1, 4), 100.0), {})
         entries = _entries(queries, 0, 100.0)
         # the positive first, then 3 distinct negatives of the same head
         assert entries[0] == 1
@@ -108,7 +108,7 @@ def test_padding_with_negatives_as_background():
 
 def test_too_few_negatives_are_repeated():
     builder = _builder(min_queries=4)
-    queries = builder(0, [_assignment([1, BACKGROUND])], torch.full((1, 4), 100.0))
+    queries = builder(0, [_assignment([1, BACKGROUND])], torch.full((1, 4), 100.0), {})
     assert _entries(queries, 0, 100.0) == [0, 1, 1, 1]
     assert queries.target_labels[0].tolist() == [1, BACKGROUND, BACKGROUND, BACKGROUND]
 
@@ -116,7 +116,7 @@ def test_too_few_negatives_are_repeated():
 def test_error_when_no_negative_to_pad_with():
     builder = _builder(min_queries=3)
     with pytest.raises(ValueError, match="no background"):
-        builder(0, [_assignment([1, 2])], torch.full((1, 4), 100.0))
+        builder(0, [_assignment([1, 2])], torch.full((1, 4), 100.0), {})
 
 
 def test_normalisation_and_cxcywh_hand_case():
@@ -133,7 +133,7 @@ def test_normalisation_and_cxcywh_hand_case():
     )
     # image 0 is 100 wide and 50 high, image 1 is 40 x 40
     normalizers = torch.tensor([[100.0, 50.0, 100.0, 50.0], [40.0, 40.0, 40.0, 40.0]])
-    queries = builder(0, [image0, image1], normalizers)
+    queries = builder(0, [image0, image1], normalizers, {})
     assert isinstance(queries, ExtraQueries)
     # count 1: image 1 keeps its only positive
     expected_boxes = torch.tensor([[[0.2, 0.3, 0.2, 0.4]], [[0.15, 0.3, 0.1, 0.2]]])
@@ -153,7 +153,7 @@ def test_content_is_the_projected_sine_embedding_of_the_box():
     )
     normalizers = torch.tensor([[100.0, 100.0, 100.0, 100.0]])
     for head in (0, 1):
-        queries = builder(head, [assignment], normalizers)
+        queries = builder(head, [assignment], normalizers, {})
         embedding = _proposal_sine_embedding(queries.reference_boxes, EMBED_DIM // 2)
         assert embedding.shape == (1, 2, 2 * EMBED_DIM)
         expected = builder.norms[head](builder.projections[head](embedding))

@@ -72,9 +72,9 @@ class CoDETR(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
-        if positive_queries is not None and len(positive_queries.projections) != len(aux_heads):
+        if positive_queries is not None and positive_queries.num_heads != len(aux_heads):
             raise ValueError(
-                f"positive_queries has {len(positive_queries.projections)} projections but "
+                f"positive_queries has {positive_queries.num_heads} heads but "
                 f"there are {len(aux_heads)} auxiliary heads"
             )
         self._eval_head_index = self._parse_eval_module(eval_module)
@@ -186,7 +186,7 @@ class CoDETR(nn.Module):
             )
             # 6. the head's positives as extra queries through the shared decoder
             if self.positive_queries is not None:
-                queries = self.positive_queries(index, assignments, box_normalizers)
+                queries = self.positive_queries(index, assignments, box_normalizers, aux_features)
                 losses.update(
                     self.query_head.extra_query_losses(
                         memory, queries, weight=self.positive_queries.loss_weight,

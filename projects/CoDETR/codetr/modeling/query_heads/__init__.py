@@ -1,4 +1,5 @@
 from .base import ExtraQueries, QueryHeadBase
+from .deformable_detr import DeformableDETRHead
 from .dino import DINOHead
 from .postprocess import detr_detections
 

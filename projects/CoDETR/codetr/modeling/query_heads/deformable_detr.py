@@ -1,0 +1,109 @@
+"""
+The Deformable-DETR query head as used by Co-Deformable-DETR: two-stage proposals ranked by
+their first class logit and supervised with binary (object / not) labels, mixed query
+selection (learned content, position embedding from the selected proposals), iterative box
+refinement, sigmoid focal loss; no denoising.
+"""
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+
+from codetr.layers import box_sine_embedding
+
+from ..transformer import MultiLevelSequence, encoder_proposals
+from .base import QueryHeadBase
+
+__all__ = ["DeformableDETRHead"]
+
+
+class DeformableDETRHead(QueryHeadBase):
+    """
+    Args:
+        **kwargs: see :class:`QueryHeadBase`. The decoder must take its position embedding
+            from the caller (``query_pos_from_boxes=False``).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.decoder.ref_point_head is not None:
+            raise ValueError(
+                "DeformableDETRHead gives the decoder its position embedding: build the decoder "
+                "with query_pos_from_boxes=False"
+            )
+        embed_dim = self.decoder.embed_dim
+        self.enc_output = nn.Linear(embed_dim, embed_dim)
+        self.enc_output_norm = nn.LayerNorm(embed_dim)
+        # position embedding of the selected proposals (first half of the output)
+        self.pos_trans = nn.Linear(2 * embed_dim, 2 * embed_dim)
+        self.pos_trans_norm = nn.LayerNorm(2 * embed_dim)
+        # content of the matching queries
+        self.query_embed = nn.Embedding(self.num_queries, embed_dim)
+
+        self._reset_transformer_parameters(
+            [self.encoder, self.decoder, self.enc_output, self.pos_trans]
+        )
+        self._reset_prediction_heads()
+
+    def encoder_predictions(self, memory: MultiLevelSequence):
+        """
+        Scores and refines every encoder token as a proposal.
+
+        Returns:
+            logits: (B, S, K); boxes: (B, S, 4) normalised cxcywh (1.0 at invalid tokens).
+        """
+        tokens, proposals = encoder_proposals(memory)
+        tokens = self.enc_output_norm(self.enc_output(tokens))
+        coords = self.box_heads[-1](tokens) + proposals
+        return self.class_heads[-1](tokens), coords.sigmoid()
+
+    def decode(self, memory: MultiLevelSequence) -> Dict[str, Tensor]:
+        """
+        Returns a dict with
+            "logits" (L, B, Q, K), "boxes" (L, B, Q, 4): every decoder layer's predictions;
+            "enc_logits" (B, S, K), "enc_boxes" (B, S, 4): every encoder token's proposal.
+        """
+        enc_logits, enc_boxes = self.encoder_predictions(memory)
+        if enc_logits.shape[1] < self.num_queries:
+            raise ValueError(
+                f"The input has {enc_logits.shape[1]} feature positions over all levels, fewer "
+                f"than num_queries={self.num_queries}: use larger images or fewer queries."
+            )
+        top = enc_logits[..., 0].topk(self.num_queries, dim=1)[1]
+        reference = enc_boxes.gather(1, top[..., None].expand(-1, -1, 4)).detach()
+        embedding = self.pos_trans_norm(
+            self.pos_trans(
+                box_sine_embedding(reference, num_pos_feats=self.decoder.embed_dim // 2,
+                                   yx_first=False)
+            )
+        )
+        query_pos = embedding[..., : self.decoder.embed_dim]
+        content = self.query_embed.weight[None].expand(reference.shape[0], -1, -1)
+        logits, boxes = self._decode_group(memory, content, reference, query_pos=query_pos)
+        return {"logits": logits, "boxes": boxes, "enc_logits": enc_logits, "enc_boxes": enc_boxes}
+
+    def losses(
+        self, memory: MultiLevelSequence, targets: List[Dict[str, Tensor]]
+    ) -> Dict[str, Tensor]:
+        """
+        Args:
+            memory: the encoder memory.
+            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh}.
+        Returns:
+            ``loss_*`` / ``d{i}.loss_*`` (decoder layers) and ``enc_loss_*`` (every encoder
+            proposal, matched to the ground truth as class 0: object / not object).
+        """
+        outputs = self.decode(memory)
+        losses = self._name_layer_losses(
+            [self._set_losses(l, b, targets) for l, b in zip(outputs["logits"], outputs["boxes"])]
+        )
+        binary_targets = [
+            {"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets
+        ]
+        losses.update(
+            self._name_layer_losses(
+                [self._set_losses(outputs["enc_logits"], outputs["enc_boxes"], binary_targets)],
+                prefix="enc_",
+            )
+        )
+        return losses
