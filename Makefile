@@ -15,7 +15,7 @@ install: prerequisites
 		$(PYTHON) -m pip install --no-build-isolation -e .
 
 test: install
-	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install pytest
+	@$(PYTHON) -c "import pytest, timm" 2>/dev/null || $(PYTHON) -m pip install pytest timm
 	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
 
 # generate the toy data, train, evaluate (final table), draw predictions on the val images

@@ -16,7 +16,8 @@ AUX_INPUT_SHAPE = {f"p{i}": L(ShapeSpec)(channels=EMBED_DIM, stride=2**i) for i 
 model.aux_heads = co_dino_model.aux_heads
 for head in model.aux_heads:
     head.input_shape = AUX_INPUT_SHAPE
-model.aux_heads[0].fc_dim = 256
+# small images: fewer RPN proposals and a narrower RoI head
+model.aux_heads[0].update(fc_dim=256, rpn_train_pre_nms_topk=1000, rpn_train_post_nms_topk=300)
 model.aux_loss_weight = co_dino_model.aux_loss_weight
 model.positive_queries = co_dino_model.positive_queries
 model.positive_queries.update(embed_dim=EMBED_DIM, max_queries=100)

@@ -9,5 +9,6 @@ from .official import (
     official_key_to_ours,
 )
 from .resnet import convert_torchvision_resnet, torchvision_resnet_key
+from .swin import convert_official_swin, is_official_swin_state_dict, swin_key
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]
