@@ -8,10 +8,13 @@ checkpoint of our model.
 
 The expected parameter names and shapes come from the model of ``--config-file`` (default
 ``configs/co_dino/co_dino_5scale_r50_1x_coco.py`` if it exists, else
-``configs/models/dino_r50.py``), after the ``key=value`` overrides. Every authors' key that
-fills no parameter, every parameter left unfilled and every shape mismatch is listed; then the
-command exits with status 1 and writes nothing. Without ``--keep-aux`` the auxiliary heads,
-their extra feature level and the positive-query projections are dropped (enough for
+``configs/models/dino_r50.py``), after the ``key=value`` overrides; its query head decides
+whether the checkpoint is read as a Co-DINO or a Co-Deformable-DETR one (for the latter pass
+e.g. ``--config-file configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py``). Every
+authors' key that fills no parameter, every parameter left unfilled and every shape mismatch is
+listed; then the command exits with status 1 and writes nothing (so does a checkpoint of the
+other architecture, with a hint). Without ``--keep-aux`` the auxiliary heads, their extra
+feature level and the positive-query projections are dropped (enough for
 ``eval_module="detr"``). ``OUT.pth`` holds ``{"model": state_dict}`` for detectron2's
 ``DetectionCheckpointer`` (e.g. as ``train.init_checkpoint``).
 """
@@ -24,6 +27,7 @@ import torch
 from detectron2.config import instantiate
 
 from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
+from codetr.checkpoint.official import model_architecture, official_architecture
 from codetr.engine import load_lazy_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +35,11 @@ _DEFAULT_CONFIGS = [
     os.path.join(_REPO, "configs", "co_dino", "co_dino_5scale_r50_1x_coco.py"),
     os.path.join(_REPO, "configs", "models", "dino_r50.py"),
 ]
+# a config for the authors' checkpoints of each architecture
+_ARCHITECTURE_CONFIGS = {
+    "co_dino": "configs/co_dino/co_dino_5scale_r50_1x_coco.py",
+    "co_deformable_detr": "configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py",
+}
 
 
 def default_config_file() -> str:
@@ -69,6 +78,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     cfg = load_lazy_config(args.config_file, args.opts)
     model = instantiate(cfg.model)
+    try:
+        target_architecture = model_architecture(model)
+    except ValueError as e:
+        print(f"error: {args.config_file}: {e}", file=sys.stderr)
+        return 1
+    source_architecture = official_architecture(state_dict)
+    if source_architecture not in (None, target_architecture):
+        print(
+            f"error: {args.input} is a {source_architecture} checkpoint, but the model of "
+            f"{args.config_file} is a {target_architecture}; pass a {source_architecture} "
+            f"config, e.g. --config-file {_ARCHITECTURE_CONFIGS[source_architecture]}",
+            file=sys.stderr,
+        )
+        return 1
     converted, report = convert_official_state_dict(state_dict, model, keep_aux=args.keep_aux)
     if not converted:
         print(

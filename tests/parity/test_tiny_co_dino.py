@@ -5,12 +5,9 @@ stored images (RGB, normalised, zero-padded at the bottom / right, no resize) to
 relative.
 """
 import unittest
-from typing import List
 
 import torch
 from detectron2.config import instantiate
-from detectron2.structures import Instances
-from torch import Tensor
 
 from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
 
@@ -20,18 +17,7 @@ from . import (
     reference_inputs,
     tiny_co_dino_config,
 )
-
-RELATIVE_TOLERANCE = 1e-4
-
-
-def assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
-    """|actual - expected| <= 1e-4 * max|expected| everywhere, same shape."""
-    if actual.shape != expected.shape:
-        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
-    scale = expected.abs().max().clamp(min=1e-12)
-    error = (actual - expected).abs().max() / scale
-    if error > RELATIVE_TOLERANCE:
-        raise AssertionError(f"{what}: relative error {error.item():.3g} > {RELATIVE_TOLERANCE}")
+from .common import DetectionsMixin, assert_close
 
 
 def load_converted_model(with_aux_heads: bool):
@@ -42,31 +28,6 @@ def load_converted_model(with_aux_heads: bool):
     assert report.ok, report.summary()
     model.load_state_dict(converted, strict=True)
     return model
-
-
-def per_class_detections(result: Instances, num_classes: int) -> List[Tensor]:
-    """Our detections in the authors' format: per class an (n, 5) x1, y1, x2, y2, score."""
-    rows = torch.cat([result.pred_boxes.tensor, result.scores[:, None]], 1)
-    return [rows[result.pred_classes == c] for c in range(num_classes)]
-
-
-class DetectionsMixin:
-    def assert_same_detections(
-        self, results: List[Instances], expected: List[List[Tensor]], what: str
-    ) -> None:
-        """Same number per image and class; same boxes and scores, both sorted by score."""
-        self.assertEqual(len(results), len(expected))
-        for image, (result, reference) in enumerate(zip(results, expected)):
-            self.assertGreater(sum(len(r) for r in reference), 0)
-            ours = per_class_detections(result, len(reference))
-            for label, (mine, theirs) in enumerate(zip(ours, reference)):
-                name = f"{what} image {image} class {label}"
-                self.assertEqual(len(mine), len(theirs), name)
-                if len(theirs):
-                    mine = mine[mine[:, 4].argsort(descending=True, stable=True)]
-                    theirs = theirs[theirs[:, 4].argsort(descending=True, stable=True)]
-                    assert_close(mine[:, :4], theirs[:, :4], f"{name} boxes")
-                    assert_close(mine[:, 4], theirs[:, 4], f"{name} scores")
 
 
 class TestTinyCoDINOParity(DetectionsMixin, unittest.TestCase):

@@ -2,9 +2,12 @@
 Conversion of the authors' Co-DETR checkpoints (mmdet 2.x ``{"meta", "state_dict"}``, see
 spec §5) to our parameter names, checked against an instantiated model.
 
-Authors' name -> ours (``T.`` = ``query_head.transformer.``, ``Q.`` = ``query_head.``):
+The target model's query head decides how the names are read (:func:`model_architecture`):
+as a Co-DINO (``DINOHead``) or a Co-Deformable-DETR (``DeformableDETRHead``) checkpoint.
+Authors' name -> ours (``T.`` = ``query_head.transformer.``, ``Q.`` = ``query_head.``), both:
 
-- ``backbone.*`` in torchvision ResNet names -> detectron2 ResNet names (``resnet.py``)
+- ``backbone.*`` in torchvision ResNet names -> detectron2 ResNet names (``resnet.py``); in
+  Swin-V1 names -> detectron2 SwinTransformer names (``swin.py``), told apart by the names
 - ``neck.{convs,extra_convs}.i.conv.weight`` / ``.gn.*`` -> ``neck.{...}.i.weight`` /
   ``.norm.*``
 - ``T.level_embeds`` -> ``Q.level_embeds``
@@ -14,17 +17,30 @@ Authors' name -> ours (``T.`` = ``query_head.transformer.``, ``Q.`` = ``query_he
 - ``T.{encoder,decoder}.layers.i.ffns.0.layers.0.0.*`` / ``.layers.1.*`` ->
   ``Q.{...}.layers.i.ffn.linear1.*`` / ``.linear2.*``
 - ``T.{encoder,decoder}.layers.i.norms.{0,1,2}.*`` -> ``Q.{...}.layers.i.norm{1,2,3}.*``
-- ``T.decoder.{ref_point_head,norm}.*`` -> ``Q.decoder.{ref_point_head,norm}.*``
-- ``T.{enc_output,enc_output_norm,query_embed}.*`` -> ``Q.{same}.*``
+- ``T.{enc_output,enc_output_norm}.*`` -> ``Q.{same}.*``
 - ``Q.cls_branches.k.*`` -> ``Q.class_heads.k.*``; ``Q.reg_branches.k.{0,2,4}.*`` ->
   ``Q.box_heads.k.{0,2,4}.*`` (k = num decoder layers: the encoder-proposal heads)
+
+Co-DINO only:
+
+- ``T.decoder.{ref_point_head,norm}.*`` -> ``Q.decoder.{ref_point_head,norm}.*``
+- ``T.query_embed.*`` -> ``Q.query_embed.*``
 - ``Q.label_embedding.weight`` -> ``Q.denoising.label_embedding.weight``
+
+Co-Deformable-DETR only:
+
+- ``T.{pos_trans,pos_trans_norm}.*`` -> ``Q.{pos_trans,pos_trans_norm}.*``
+- ``Q.query_embedding.*`` -> ``Q.query_embed.*``
 
 Auxiliary parts (converted only with ``keep_aux``):
 
 - ``Q.downsample.{0,1}.*`` -> ``aux_extra_level.{0,1}.*``
 - ``T.aux_pos_trans.k.*`` / ``T.aux_pos_trans_norm.k.*`` -> ``positive_queries.projections.k'.*``
-  / ``positive_queries.norms.k'.*``
+  / ``positive_queries.norms.k'.*`` (2C -> C in Co-DINO, 2C -> 2C in Co-Deformable-DETR)
+- Co-Deformable-DETR: ``T.pos_feats_trans.k.*`` / ``T.pos_feats_norm.k.*`` ->
+  ``positive_queries.feature_projections.k'.*`` / ``positive_queries.feature_norms.k'.*``;
+  ``T.head_pos_embed.weight`` (num_heads, 1) -> ``positive_queries.head_pos_embed``, row k
+  moved to row k'
 - ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*`` ->
   ``aux_heads.r.rpn.rpn_head.{conv,objectness_logits,anchor_deltas}.*``
 - ``roi_head.j.bbox_head.{shared_fcs.0,shared_fcs.1,fc_cls,fc_reg}.*`` ->
@@ -42,8 +58,9 @@ mmdet orders the anchors of a location ratio-major, detectron2 size-major: the o
 of ``rpn_cls`` and the 4-channel groups of ``rpn_reg`` are permuted accordingly.
 
 BatchNorm ``num_batches_tracked`` counters are dropped when the model has none (FrozenBN).
-The Co-Deformable-DETR-only names (``T.pos_trans``, ``Q.query_embedding``, ...) and
-non-ResNet backbones are not covered yet: they are reported as unused.
+Backbones other than ResNet and Swin are not covered yet: their names are reported as unused,
+as are the names of the other architecture (a Co-DINO checkpoint read for a Co-Deformable-DETR
+model, or the reverse; :func:`official_architecture` tells from a state dict which it is).
 """
 import re
 from dataclasses import dataclass, field
@@ -52,13 +69,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from codetr.modeling.query_heads import DeformableDETRHead, DINOHead
+
 from .inference import is_training_only
 from .resnet import torchvision_resnet_key
+from .swin import swin_key
 
 __all__ = [
+    "ARCHITECTURES",
     "ConversionReport",
     "load_official_checkpoint",
     "official_key_to_ours",
+    "model_architecture",
+    "official_architecture",
     "is_auxiliary_key",
     "convert_official_state_dict",
 ]
@@ -81,7 +104,7 @@ _NECK = r"neck\.(?P<kind>convs|extra_convs)\.(?P<i>\d+)\."
 
 # (authors' name pattern, our name template); templates are filled with the named groups, with
 # ``norm`` = the authors' norm index + 1 and ``fc1`` = the authors' FC index + 1
-_RULES: List[Tuple[str, str]] = [
+_SHARED_RULES: List[Tuple[str, str]] = [
     (_NECK + r"conv\.weight", "neck.{kind}.{i}.weight"),
     (_NECK + r"gn\." + _PARAM, "neck.{kind}.{i}.norm.{param}"),
     (_T + r"level_embeds", "query_head.level_embeds"),
@@ -97,14 +120,10 @@ _RULES: List[Tuple[str, str]] = [
      "query_head.{stack}.layers.{i}.ffn.linear2.{param}"),
     (_LAYER + r"norms\.(?P<n>\d)\." + _PARAM,
      "query_head.{stack}.layers.{i}.norm{norm}.{param}"),
-    (_T + r"decoder\.(?P<part>ref_point_head\.\d+|norm)\." + _PARAM,
-     "query_head.decoder.{part}.{param}"),
-    (_T + r"(?P<part>enc_output|enc_output_norm|query_embed)\." + _PARAM,
-     "query_head.{part}.{param}"),
+    (_T + r"(?P<part>enc_output|enc_output_norm)\." + _PARAM, "query_head.{part}.{param}"),
     (r"query_head\.cls_branches\.(?P<k>\d+)\." + _PARAM, "query_head.class_heads.{k}.{param}"),
     (r"query_head\.reg_branches\.(?P<k>\d+)\.(?P<j>\d+)\." + _PARAM,
      "query_head.box_heads.{k}.{j}.{param}"),
-    (r"query_head\.label_embedding\.weight", "query_head.denoising.label_embedding.weight"),
     # auxiliary parts; {rcnn}, {atss} and {pos} are our indices of the authors' heads
     (r"query_head\.downsample\.(?P<j>\d+)\." + _PARAM, "aux_extra_level.{j}.{param}"),
     (_T + r"aux_pos_trans\.(?P<pos>\d+)\." + _PARAM,
@@ -135,7 +154,35 @@ _RULES: List[Tuple[str, str]] = [
     (r"bbox_head\.(?P<atss>\d+)\.scales\.(?P<level>\d+)\.scale",
      "aux_heads.{atss}.scales.{level}.scale"),
 ]
-_COMPILED_RULES = [(re.compile(pattern), template) for pattern, template in _RULES]
+# the parts only one of the query heads has
+_ARCHITECTURE_RULES: Dict[str, List[Tuple[str, str]]] = {
+    "co_dino": [
+        (_T + r"decoder\.(?P<part>ref_point_head\.\d+|norm)\." + _PARAM,
+         "query_head.decoder.{part}.{param}"),
+        (_T + r"query_embed\." + _PARAM, "query_head.query_embed.{param}"),
+        (r"query_head\.label_embedding\.weight", "query_head.denoising.label_embedding.weight"),
+    ],
+    "co_deformable_detr": [
+        (_T + r"(?P<part>pos_trans|pos_trans_norm)\." + _PARAM, "query_head.{part}.{param}"),
+        (r"query_head\.query_embedding\." + _PARAM, "query_head.query_embed.{param}"),
+        # auxiliary parts
+        (_T + r"pos_feats_trans\.(?P<pos>\d+)\." + _PARAM,
+         "positive_queries.feature_projections.{pos}.{param}"),
+        (_T + r"pos_feats_norm\.(?P<pos>\d+)\." + _PARAM,
+         "positive_queries.feature_norms.{pos}.{param}"),
+        (_T + r"head_pos_embed\.weight", "positive_queries.head_pos_embed"),
+    ],
+}
+ARCHITECTURES = tuple(_ARCHITECTURE_RULES)
+# a parameter prefix only the authors' checkpoints of that architecture have
+_ARCHITECTURE_MARKERS = {
+    "co_dino": "query_head.label_embedding.",
+    "co_deformable_detr": "query_head.transformer.pos_trans.",
+}
+_COMPILED_RULES = {
+    name: [(re.compile(pattern), template) for pattern, template in _SHARED_RULES + rules]
+    for name, rules in _ARCHITECTURE_RULES.items()
+}
 
 
 @dataclass
@@ -239,7 +286,38 @@ def _auxiliary_indices(aux_head_kinds: Sequence[str]) -> Dict[str, Dict[int, int
     }
 
 
-def official_key_to_ours(key: str, aux_head_kinds: Sequence[str] = ()) -> Optional[str]:
+def model_architecture(model: nn.Module) -> str:
+    """
+    Which authors' model ``model`` takes the weights of, from its query head: "co_dino"
+    (:class:`DINOHead`) or "co_deformable_detr" (:class:`DeformableDETRHead`).
+
+    Raises:
+        ValueError: naming the query head, when it is neither.
+    """
+    query_head = getattr(model, "query_head", None)
+    if isinstance(query_head, DINOHead):
+        return "co_dino"
+    if isinstance(query_head, DeformableDETRHead):
+        return "co_deformable_detr"
+    raise ValueError(
+        f"Cannot convert the authors' weights for a model whose query_head is "
+        f"{type(query_head).__name__}: expected a DINOHead (Co-DINO) or a DeformableDETRHead "
+        f"(Co-Deformable-DETR)"
+    )
+
+
+def official_architecture(state_dict: Dict[str, Tensor]) -> Optional[str]:
+    """The authors' model an authors' state dict belongs to (one of :data:`ARCHITECTURES`), or
+    None when it has none of their distinctive parameters."""
+    for architecture, prefix in _ARCHITECTURE_MARKERS.items():
+        if any(key.startswith(prefix) for key in state_dict):
+            return architecture
+    return None
+
+
+def official_key_to_ours(
+    key: str, aux_head_kinds: Sequence[str] = (), architecture: str = "co_dino"
+) -> Optional[str]:
     """
     Our name of one authors' parameter, or None when no rule covers it.
 
@@ -248,12 +326,18 @@ def official_key_to_ours(key: str, aux_head_kinds: Sequence[str] = ()) -> Option
         aux_head_kinds: the ``kind`` of each of our ``aux_heads`` in order ("two-stage" for
             the RPN + RoI head, "one-stage" for ATSS); auxiliary keys whose head does not
             exist there map to None.
+        architecture: the authors' model the key comes from, one of :data:`ARCHITECTURES`
+            ("co_dino", "co_deformable_detr"); the names of the other one map to None.
     """
+    if architecture not in _COMPILED_RULES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     if key.startswith("backbone."):
-        name = torchvision_resnet_key(key[len("backbone."):])
+        name = key[len("backbone."):]
+        # ResNet and Swin names are disjoint
+        name = swin_key(name) or torchvision_resnet_key(name)
         return None if name is None else "backbone." + name
     indices = _auxiliary_indices(aux_head_kinds)
-    for pattern, template in _COMPILED_RULES:
+    for pattern, template in _COMPILED_RULES[architecture]:
         match = pattern.fullmatch(key)
         if match is None:
             continue
@@ -293,8 +377,17 @@ def _rpn_anchor_permutation(cell_anchors: Tensor) -> Tensor:
 
 
 def _value_transforms(model: nn.Module) -> Dict[str, Callable[[Tensor], Tensor]]:
-    """Per target key, a function applied to the authors' tensor (RPN anchor order)."""
+    """Per target key, a function applied to the authors' tensor (RPN anchor order, order of
+    the per-head position embeddings)."""
     transforms = {}
+    positive_queries = getattr(model, "positive_queries", None)
+    if isinstance(getattr(positive_queries, "head_pos_embed", None), Tensor):
+        kinds = [getattr(head, "kind", None) for head in model.aux_heads]
+        # row k of the authors' embedding is our row ours[k]
+        ours = list(_auxiliary_indices(kinds)["pos"].values())
+        if sorted(ours) == list(range(len(kinds))):
+            order = torch.tensor(ours).argsort()
+            transforms["positive_queries.head_pos_embed"] = lambda t, o=order: t[o]
     for index, head in enumerate(getattr(model, "aux_heads", [])):
         rpn = getattr(head, "rpn", None)
         if rpn is None:
@@ -319,7 +412,8 @@ def convert_official_state_dict(
     Args:
         state_dict: the authors' parameters (the ``state_dict`` entry of their checkpoint).
         model: an instance of the target model (its state dict gives the expected keys and
-            shapes, its ``aux_heads`` the auxiliary-head layout).
+            shapes, its ``aux_heads`` the auxiliary-head layout, its query head which
+            authors' model the names are read as: :func:`model_architecture`).
         keep_aux: convert the auxiliary heads, the extra downsampled level and the positive
             query projections as well; otherwise they are dropped and the model's own
             auxiliary parameters are not expected.
@@ -328,6 +422,7 @@ def convert_official_state_dict(
         report of what did not convert.
     """
     target = model.state_dict()
+    architecture = model_architecture(model)
     kinds = [getattr(head, "kind", type(head).__name__) for head in getattr(model, "aux_heads", [])]
     transforms = _value_transforms(model)
     report = ConversionReport()
@@ -336,7 +431,7 @@ def convert_official_state_dict(
         if _EMA_SOURCE.match(key) or (not keep_aux and is_auxiliary_key(key)):
             report.dropped.append(key)
             continue
-        new_key = official_key_to_ours(key, kinds)
+        new_key = official_key_to_ours(key, kinds, architecture)
         if new_key is None or new_key not in target:
             if not key.endswith(_COUNTER):
                 report.unused.append(key)

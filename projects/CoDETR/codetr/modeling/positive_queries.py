@@ -189,9 +189,12 @@ class DeformablePositiveQueryBuilder(PositiveQueryBuilder):
         self.norms = nn.ModuleList(nn.LayerNorm(2 * dim) for _ in range(heads))
         self.feature_projections = nn.ModuleList(nn.Linear(dim, dim) for _ in range(heads))
         self.feature_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(heads))
-        self.head_pos_embed = nn.Parameter(torch.randn(heads, head_embed_dim))
-        for projection in [*self.projections, *self.feature_projections]:
-            nn.init.xavier_uniform_(projection.weight)
+        self.head_pos_embed = nn.Parameter(torch.empty(heads, head_embed_dim))
+        # the reference initialises every matrix of its transformer, these included, uniformly
+        for weight in [*(p.weight for p in self.projections), *(
+            p.weight for p in self.feature_projections
+        ), self.head_pos_embed]:
+            nn.init.xavier_uniform_(weight)
 
     def queries(self, head_index, boxes, features):
         embedding = self.norms[head_index](self.projections[head_index](self.box_embedding(boxes)))

@@ -1,0 +1,124 @@
+"""
+Number-for-number parity of our Co-Deformable-DETR with the authors' implementation: their
+tiny Co-Deformable-DETR checkpoint, converted with our converter, must reproduce their stored
+outputs on the two stored images (RGB, normalised, zero-padded at the bottom / right, no
+resize) to 1e-4 relative.
+"""
+import unittest
+
+import torch
+from detectron2.config import instantiate
+
+from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
+
+from . import reference_inputs
+from .common import (
+    TINY_CO_DEFORMABLE_DETR_CHECKPOINT,
+    DetectionsMixin,
+    assert_close,
+    load_co_deformable_detr_outputs,
+    tiny_co_deformable_detr_config,
+)
+
+
+def load_converted_model(with_aux_heads: bool):
+    model = instantiate(tiny_co_deformable_detr_config(with_aux_heads)).eval()
+    converted, report = convert_official_state_dict(
+        load_official_checkpoint(TINY_CO_DEFORMABLE_DETR_CHECKPOINT), model,
+        keep_aux=with_aux_heads,
+    )
+    assert report.ok, report.summary()
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+class TestTinyCoDeformableDETRParity(DetectionsMixin, unittest.TestCase):
+    """The Deformable-DETR path (eval_module="detr") of the tiny model without auxiliary
+    heads."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = load_converted_model(with_aux_heads=False)
+        cls.reference = load_co_deformable_detr_outputs()
+        cls.inputs = reference_inputs(cls.reference)
+        with torch.no_grad():
+            cls.images = cls.model.preprocess_image(cls.inputs)
+            cls.features = cls.model.neck(cls.model.backbone(cls.images.tensor))
+            cls.memory = cls.model.query_head.encode(
+                cls.features, cls.model.padding_mask(cls.images)
+            )
+            cls.outputs = cls.model.query_head.decode(cls.memory)
+
+    def test_inputs_are_padded_bottom_right(self):
+        self.assertEqual(self.images.image_sizes, [(243, 192), (183, 215)])
+        self.assertEqual(tuple(self.images.tensor.shape), (2, 3, 243, 215))
+
+    def test_neck_maps(self):
+        # three backbone levels (strides 8..32) and one extra stride-2 level
+        expected = self.reference["neck"]
+        self.assertEqual(len(self.features), len(expected))
+        self.assertEqual(len(expected), 4)
+        for level, (ours, theirs) in enumerate(zip(self.features, expected)):
+            assert_close(ours, theirs, f"neck level {level}")
+
+    def test_encoder_memory_maps(self):
+        # the authors' list adds the auxiliary heads' extra level; checked with aux heads below
+        maps = self.memory.to_maps()
+        expected = self.reference["query_head"]["encoder_maps"]
+        self.assertEqual(len(expected), len(maps) + 1)
+        for level, (ours, theirs) in enumerate(zip(maps, expected)):
+            assert_close(ours, theirs, f"encoder memory level {level}")
+
+    def test_encoder_predictions_of_all_positions(self):
+        expected = self.reference["query_head"]
+        num_positions = sum(h * w for h, w in ((31, 27), (16, 14), (8, 7), (4, 4)))
+        self.assertEqual(tuple(expected["enc_topk_scores"].shape), (2, num_positions, 80))
+        assert_close(self.outputs["enc_logits"], expected["enc_topk_scores"], "encoder logits")
+        assert_close(self.outputs["enc_boxes"], expected["enc_topk_anchors"], "encoder boxes")
+
+    def test_last_layer_predictions(self):
+        expected = self.reference["query_head"]
+        assert_close(self.outputs["logits"][-1], expected["last_cls_logits"], "last-layer logits")
+        assert_close(self.outputs["boxes"][-1], expected["last_boxes_cxcywh"], "last-layer boxes")
+
+    def test_detr_detections(self):
+        results = self.model.inference(self.inputs, do_postprocess=False)
+        # top 100 over query x class, no NMS
+        self.assertEqual([len(r) for r in results], [100, 100])
+        self.assert_same_detections(results, self.reference["detr"], "detr")
+
+
+class TestTinyCoDeformableDETRAuxiliaryParity(DetectionsMixin, unittest.TestCase):
+    """The auxiliary heads' input maps and their test outputs (what eval_module "one-stage" /
+    "two-stage" return)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = load_converted_model(with_aux_heads=True)
+        cls.reference = load_co_deformable_detr_outputs()
+        with torch.no_grad():
+            cls.images = cls.model.preprocess_image(reference_inputs(cls.reference))
+            features = cls.model.neck(cls.model.backbone(cls.images.tensor))
+            memory = cls.model.query_head.encode(features, cls.model.padding_mask(cls.images))
+            cls.aux_features = cls.model.auxiliary_features(memory)
+
+    def _head(self, kind: str):
+        (head,) = [h for h in self.model.aux_heads if h.kind == kind]
+        return head
+
+    def test_auxiliary_feature_maps(self):
+        expected = self.reference["query_head"]["encoder_maps"]
+        self.assertEqual(list(self.aux_features), [f"p{i}" for i in range(3, 8)])
+        self.assertEqual(len(expected), 5)
+        for level, (ours, theirs) in enumerate(zip(self.aux_features.values(), expected)):
+            assert_close(ours, theirs, f"auxiliary level {level}")
+
+    def test_one_stage_detections(self):
+        with torch.no_grad():
+            results = self._head("one-stage").inference(self.aux_features, self.images)
+        self.assert_same_detections(results, self.reference["one-stage"], "one-stage")
+
+    def test_two_stage_detections(self):
+        with torch.no_grad():
+            results = self._head("two-stage").inference(self.aux_features, self.images)
+        self.assert_same_detections(results, self.reference["two-stage"], "two-stage")
