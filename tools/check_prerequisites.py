@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Checks that torch, torchvision and detectron2 (the prerequisites this project does not
 install itself) can be imported; prints how to install a missing one and exits 1."""
+
 import importlib.util
 import os
 import sys
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "projects", "CoDETR", "codetr", "_prerequisites.py")
+_PATH = os.path.join(
+    os.path.dirname(__file__), "..", "projects", "CoDETR", "codetr", "_prerequisites.py"
+)
 
 
 def main() -> int:

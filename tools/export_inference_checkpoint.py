@@ -9,6 +9,7 @@ auxiliary heads, their extra feature level and the positive-query projections.
 ``model.aux_heads=[] model.positive_queries=None`` and gives identical ``detr`` outputs.
 The optimizer / scheduler state of a training checkpoint is not kept.
 """
+
 import argparse
 import os
 import sys

@@ -1,5 +1,6 @@
 """Co-DINO R50, 5 scales, 12 epochs, DETR augmentation (52.1 AP in the authors' zoo).
 The first 4 encoder layers use activation checkpointing, as in the authors' config."""
+
 from ..common.data.coco import dataloader
 from ..common.optimizer import optimizer
 from ..common.schedule import lr_multiplier_1x as lr_multiplier

@@ -7,6 +7,7 @@ strides 8..128) and their positives as customized positive queries.
 The number of classes is set once, at ``model.query_head.num_classes``. Ablations: see
 ``co_dino_r50.py`` (the same switches).
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
@@ -42,17 +43,33 @@ model = L(CoDETR)(
             num_pos_feats=EMBED_DIM // 2, normalize=True, offset=-0.5
         ),
         encoder=L(DeformableEncoder)(
-            num_layers=6, embed_dim=EMBED_DIM, num_heads=8, num_levels=NUM_LEVELS, num_points=4,
-            ffn_dim=2048, dropout=0.0,
+            num_layers=6,
+            embed_dim=EMBED_DIM,
+            num_heads=8,
+            num_levels=NUM_LEVELS,
+            num_points=4,
+            ffn_dim=2048,
+            dropout=0.0,
         ),
         decoder=L(DeformableDecoder)(
-            num_layers=6, embed_dim=EMBED_DIM, num_heads=8, num_levels=NUM_LEVELS, num_points=4,
-            ffn_dim=2048, dropout=0.0, query_pos_from_boxes=False, output_norm=False,
-            look_forward_twice=True, inverse_sigmoid_eps=1e-5,
+            num_layers=6,
+            embed_dim=EMBED_DIM,
+            num_heads=8,
+            num_levels=NUM_LEVELS,
+            num_points=4,
+            ffn_dim=2048,
+            dropout=0.0,
+            query_pos_from_boxes=False,
+            output_norm=False,
+            look_forward_twice=True,
+            inverse_sigmoid_eps=1e-5,
         ),
         matcher=L(HungarianMatcher)(class_weight=2.0, l1_weight=5.0, giou_weight=2.0),
         loss=L(DetectionLoss)(
-            num_classes=NUM_CLASSES, class_loss="focal", class_weight=2.0, l1_weight=5.0,
+            num_classes=NUM_CLASSES,
+            class_loss="focal",
+            class_weight=2.0,
+            l1_weight=5.0,
             giou_weight=2.0,
         ),
         num_candidates=100,

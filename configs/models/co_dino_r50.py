@@ -11,6 +11,7 @@ Ablation switches:
 - lambda_2: ``model.aux_loss_weight`` (= num_decoder_layers x lambda_2 = 6 x 2.0 = 12);
 - which heads: edit the ``model.aux_heads`` list (and ``positive_queries.num_heads``).
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 

@@ -9,6 +9,7 @@ from ``swin_large_patch4_window12_384_22k.pth`` converted by
 checkpoint all 6 encoder layers (``model.query_head.encoder.num_checkpointed_layers = 6``)
 and, for the Objects365 schedule, the Swin blocks (``model.backbone.use_checkpoint = True``).
 """
+
 from detectron2.config import LazyCall as L
 
 from codetr.modeling.swin import build_swin, swin_output_shape

@@ -5,6 +5,7 @@ two can be compared directly.
 
     python train_net.py --config-file configs/toy/co_dino_toy.py
 """
+
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 

@@ -5,6 +5,7 @@ the full configs; only the sizes and the schedule differ.
 
     python train_net.py --config-file configs/toy/dino_toy.py
 """
+
 from functools import partial
 
 from detectron2.config import LazyCall as L

@@ -1,4 +1,5 @@
 """Inference checkpoints: the model without its training-only auxiliary branch."""
+
 from typing import Dict
 
 from torch import Tensor

@@ -1,4 +1,5 @@
 """Class counts from detectron2's dataset metadata, so that a model follows its dataset."""
+
 import logging
 
 from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -1,4 +1,5 @@
 """Backbone builders for LazyConfig: ResNets of any width on detectron2's own ResNet."""
+
 from typing import List
 
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet

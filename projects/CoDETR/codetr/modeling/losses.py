@@ -152,9 +152,7 @@ class DetectionLoss(nn.Module):
         """
         super().__init__()
         if class_loss not in ("quality_focal", "focal"):
-            raise ValueError(
-                f"class_loss must be 'quality_focal' or 'focal', got {class_loss!r}"
-            )
+            raise ValueError(f"class_loss must be 'quality_focal' or 'focal', got {class_loss!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes

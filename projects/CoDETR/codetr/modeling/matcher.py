@@ -111,9 +111,7 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"logits must have shape (Q, K), got {tuple(logits.shape)}")
         num_queries = logits.shape[0]
         if boxes.shape != (num_queries, 4):
-            raise ValueError(
-                f"boxes must have shape ({num_queries}, 4), got {tuple(boxes.shape)}"
-            )
+            raise ValueError(f"boxes must have shape ({num_queries}, 4), got {tuple(boxes.shape)}")
         if gt_labels.dim() != 1 or gt_boxes.shape != (gt_labels.shape[0], 4):
             raise ValueError(
                 "gt_labels must have shape (G,) and gt_boxes (G, 4), got "

@@ -4,6 +4,7 @@ CoDETR: a DETR query detector trained with collaborative hybrid assignments.
 backbone -> neck -> query head (encoder, decoder); in training only, auxiliary one-to-many
 heads on the encoder memory and, from their positives, extra decoder queries.
 """
+
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -114,7 +115,9 @@ class CoDETR(nn.Module):
 
     # ----------------------------------------------------------------------------- inputs
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def padding_mask(self, images: ImageList) -> Tensor:
@@ -189,7 +192,9 @@ class CoDETR(nn.Module):
                 queries = self.positive_queries(index, assignments, box_normalizers, aux_features)
                 losses.update(
                     self.query_head.extra_query_losses(
-                        memory, queries, weight=self.positive_queries.loss_weight,
+                        memory,
+                        queries,
+                        weight=self.positive_queries.loss_weight,
                         suffix=f"_aux{index}",
                     )
                 )
@@ -203,7 +208,9 @@ class CoDETR(nn.Module):
         if self._eval_head_index is None:
             outputs = self.query_head.decode(memory)
             results = self.query_head.detections(
-                outputs["logits"][-1], outputs["boxes"][-1], self.box_normalizers(images),
+                outputs["logits"][-1],
+                outputs["boxes"][-1],
+                self.box_normalizers(images),
                 images.image_sizes,
             )
         else:
@@ -212,7 +219,10 @@ class CoDETR(nn.Module):
         if not do_postprocess:
             return results
         return [
-            {"instances": detector_postprocess(r, x.get("height", r.image_size[0]),
-                                               x.get("width", r.image_size[1]))}
+            {
+                "instances": detector_postprocess(
+                    r, x.get("height", r.image_size[0]), x.get("width", r.image_size[1])
+                )
+            }
             for r, x in zip(results, batched_inputs)
         ]

@@ -1,4 +1,5 @@
 """ChannelMapper: brings backbone levels to the transformer width and adds coarser levels."""
+
 import math
 from typing import Dict, List
 
@@ -42,7 +43,10 @@ class ChannelMapper(nn.Module):
         self.in_features = list(in_features)
         self.convs = nn.ModuleList(
             Conv2d(
-                input_shape[f].channels, out_channels, kernel_size=1, bias=False,
+                input_shape[f].channels,
+                out_channels,
+                kernel_size=1,
+                bias=False,
                 norm=get_norm(norm, out_channels),
             )
             for f in in_features
@@ -50,8 +54,13 @@ class ChannelMapper(nn.Module):
         last_channels = input_shape[in_features[-1]].channels
         self.extra_convs = nn.ModuleList(
             Conv2d(
-                last_channels if i == 0 else out_channels, out_channels, kernel_size=3, stride=2,
-                padding=1, bias=False, norm=get_norm(norm, out_channels),
+                last_channels if i == 0 else out_channels,
+                out_channels,
+                kernel_size=3,
+                stride=2,
+                padding=1,
+                bias=False,
+                norm=get_norm(norm, out_channels),
             )
             for i in range(num_extra_levels)
         )

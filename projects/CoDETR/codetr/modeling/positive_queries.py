@@ -12,6 +12,7 @@ an extra group of decoder queries, supervised with the head's own assignment.
 
 Its subclasses form the queries the way each query head expects them.
 """
+
 from typing import Dict, List, Optional
 
 import torch
@@ -191,9 +192,11 @@ class DeformablePositiveQueryBuilder(PositiveQueryBuilder):
         self.feature_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(heads))
         self.head_pos_embed = nn.Parameter(torch.empty(heads, head_embed_dim))
         # the reference initialises every matrix of its transformer, these included, uniformly
-        for weight in [*(p.weight for p in self.projections), *(
-            p.weight for p in self.feature_projections
-        ), self.head_pos_embed]:
+        for weight in [
+            *(p.weight for p in self.projections),
+            *(p.weight for p in self.feature_projections),
+            self.head_pos_embed,
+        ]:
             nn.init.xavier_uniform_(weight)
 
     def queries(self, head_index, boxes, features):

@@ -15,6 +15,7 @@ Nothing is frozen, as in all the authors' Swin configs. detectron2's ``frozen_st
 offered: it stops gradients but does not keep the frozen stages in eval mode across
 ``model.train()`` (their drop path would stay active), unlike the authors' backbone.
 """
+
 from typing import Dict, List, NamedTuple, Sequence
 
 from detectron2.layers import ShapeSpec
@@ -51,12 +52,14 @@ def _stage_indices(out_features: Sequence[str]) -> List[int]:
     names = [f"p{i}" for i in range(_NUM_STAGES)]
     unknown = [f for f in out_features if f not in names]
     if unknown or not out_features:
-        raise ValueError(f"Swin out_features must be a non-empty subset of {names}, got "
-                         f"{list(out_features)}")
+        raise ValueError(
+            f"Swin out_features must be a non-empty subset of {names}, got " f"{list(out_features)}"
+        )
     indices = [names.index(f) for f in out_features]
     if indices != sorted(set(indices)):
-        raise ValueError(f"Swin out_features must be distinct and finest first, got "
-                         f"{list(out_features)}")
+        raise ValueError(
+            f"Swin out_features must be distinct and finest first, got " f"{list(out_features)}"
+        )
     return indices
 
 

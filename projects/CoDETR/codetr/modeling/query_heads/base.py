@@ -7,6 +7,7 @@ output.
 A subclass decides how the decoder's matching queries are formed (``decode``) and what it adds
 to the losses (denoising, encoder proposals).
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -103,7 +104,9 @@ class QueryHeadBase(nn.Module):
         self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dim))
         # one class and one box head per decoder layer, plus one for the encoder proposals
         num_heads = decoder.num_layers + 1
-        self.class_heads = nn.ModuleList(nn.Linear(embed_dim, num_classes) for _ in range(num_heads))
+        self.class_heads = nn.ModuleList(
+            nn.Linear(embed_dim, num_classes) for _ in range(num_heads)
+        )
         self.box_heads = nn.ModuleList(
             MLP(input_dim=embed_dim, hidden_dim=embed_dim, output_dim=4, num_layers=3)
             for _ in range(num_heads)
@@ -164,7 +167,11 @@ class QueryHeadBase(nn.Module):
             logits: (num_layers, B, Q, K); boxes: (num_layers, B, Q, 4) normalised cxcywh.
         """
         hidden, boxes = self.decoder(
-            content, reference_boxes, memory, self.box_heads, query_pos=query_pos,
+            content,
+            reference_boxes,
+            memory,
+            self.box_heads,
+            query_pos=query_pos,
             self_attn_mask=self_attn_mask,
         )
         logits = torch.stack([head(h) for head, h in zip(self.class_heads, hidden)])
@@ -202,6 +209,24 @@ class QueryHeadBase(nn.Module):
                 named[f"{layer}{prefix}{name}{suffix}"] = value
         return named
 
+    def _matched_losses(
+        self,
+        outputs: Dict[str, Tensor],
+        targets: List[Dict[str, Tensor]],
+        encoder_targets: List[Dict[str, Tensor]],
+    ) -> Dict[str, Tensor]:
+        """
+        Hungarian losses of every decoder layer (``loss_*``, ``d{i}.loss_*``) and of the
+        encoder proposals (``enc_loss_*``, against ``encoder_targets``), from the "logits" /
+        "boxes" (L, B, Q, *) and "enc_logits" / "enc_boxes" (B, N, *) of ``outputs``.
+        """
+        losses = self._name_layer_losses(
+            [self._set_losses(l, b, targets) for l, b in zip(outputs["logits"], outputs["boxes"])]
+        )
+        encoder = self._set_losses(outputs["enc_logits"], outputs["enc_boxes"], encoder_targets)
+        losses.update(self._name_layer_losses([encoder], prefix="enc_"))
+        return losses
+
     def extra_query_losses(
         self, memory: MultiLevelSequence, queries: ExtraQueries, *, weight: float, suffix: str
     ) -> Dict[str, Tensor]:
@@ -234,7 +259,11 @@ class QueryHeadBase(nn.Module):
     ) -> List[Instances]:
         """Test output from the last layer's (B, Q, K) logits and (B, Q, 4) boxes."""
         return detr_detections(
-            logits, boxes, box_normalizers, image_sizes,
-            num_candidates=self.num_candidates, max_detections=self.max_detections,
+            logits,
+            boxes,
+            box_normalizers,
+            image_sizes,
+            num_candidates=self.num_candidates,
+            max_detections=self.max_detections,
             soft_nms_iou_threshold=self.soft_nms_iou_threshold,
         )

@@ -4,6 +4,7 @@ their first class logit and supervised with binary (object / not) labels, mixed 
 selection (learned content, position embedding from the selected proposals), iterative box
 refinement, sigmoid focal loss; no denoising.
 """
+
 from typing import Dict, List
 
 import torch
@@ -73,8 +74,9 @@ class DeformableDETRHead(QueryHeadBase):
         reference = enc_boxes.gather(1, top[..., None].expand(-1, -1, 4)).detach()
         embedding = self.pos_trans_norm(
             self.pos_trans(
-                box_sine_embedding(reference, num_pos_feats=self.decoder.embed_dim // 2,
-                                   yx_first=False)
+                box_sine_embedding(
+                    reference, num_pos_feats=self.decoder.embed_dim // 2, yx_first=False
+                )
             )
         )
         query_pos = embedding[..., : self.decoder.embed_dim]
@@ -94,16 +96,7 @@ class DeformableDETRHead(QueryHeadBase):
             proposal, matched to the ground truth as class 0: object / not object).
         """
         outputs = self.decode(memory)
-        losses = self._name_layer_losses(
-            [self._set_losses(l, b, targets) for l, b in zip(outputs["logits"], outputs["boxes"])]
-        )
         binary_targets = [
             {"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets
         ]
-        losses.update(
-            self._name_layer_losses(
-                [self._set_losses(outputs["enc_logits"], outputs["enc_boxes"], binary_targets)],
-                prefix="enc_",
-            )
-        )
-        return losses
+        return self._matched_losses(outputs, targets, encoder_targets=binary_targets)

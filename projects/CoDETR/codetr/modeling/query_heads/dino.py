@@ -4,6 +4,7 @@ their best class logit, mixed query selection (learned content, positions from t
 proposals), contrastive denoising, and quality focal loss on every decoder layer, the encoder
 proposals and the denoising groups.
 """
+
 from typing import Dict, List, Optional
 
 import torch
@@ -107,15 +108,7 @@ class DINOHead(QueryHeadBase):
         if self.denoising is not None:
             denoising = self.denoising(targets, self.num_queries)
         outputs = self.decode(memory, denoising)
-        losses = self._name_layer_losses(
-            [self._set_losses(l, b, targets) for l, b in zip(outputs["logits"], outputs["boxes"])]
-        )
-        losses.update(
-            self._name_layer_losses(
-                [self._set_losses(outputs["enc_logits"], outputs["enc_boxes"], targets)],
-                prefix="enc_",
-            )
-        )
+        losses = self._matched_losses(outputs, targets, encoder_targets=targets)
         if denoising is not None:
             per_layer = [
                 self._fixed_target_losses(l, b, denoising.target_labels, denoising.target_boxes)

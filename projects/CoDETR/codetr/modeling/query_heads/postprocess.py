@@ -1,5 +1,6 @@
 """Test-time output of the DETR query heads: top-k over (query x class) scores, then
 optional class-aware soft-NMS."""
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -52,8 +53,11 @@ def detr_detections(
         image_labels = top_labels[image_index]
         if soft_nms_iou_threshold is not None:
             keep, image_scores = batched_soft_nms(
-                image_boxes, image_scores, image_labels,
-                iou_threshold=soft_nms_iou_threshold, max_keep=max_detections,
+                image_boxes,
+                image_scores,
+                image_labels,
+                iou_threshold=soft_nms_iou_threshold,
+                max_keep=max_detections,
             )
             image_boxes, image_labels = image_boxes[keep], image_labels[keep]
         else:

@@ -10,6 +10,7 @@ separated by a self-attention mask) or extra groups such as Co-DETR's customized
 queries. The decoder owns no query content; callers give content, reference boxes and,
 optionally, position embeddings.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -69,8 +70,12 @@ class DeformableDecoderLayer(nn.Module):
         attended = self.self_attn(q, q, query, attn_mask=self_attn_mask, need_weights=False)[0]
         query = self.norm1(query + self.dropout1(attended))
         attended = self.cross_attn(
-            query + query_pos, memory.tokens, reference_points, memory.spatial_shapes,
-            memory.level_start_index, memory.padding_mask,
+            query + query_pos,
+            memory.tokens,
+            reference_points,
+            memory.spatial_shapes,
+            memory.level_start_index,
+            memory.padding_mask,
         )
         query = self.norm2(query + self.dropout2(attended))
         return self.norm3(query + self.ffn(query))
@@ -108,8 +113,12 @@ class DeformableDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             DeformableDecoderLayer(
-                embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels,
-                num_points=num_points, ffn_dim=ffn_dim, dropout=dropout,
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                num_levels=num_levels,
+                num_points=num_points,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
             )
             for _ in range(num_layers)
         )
@@ -161,7 +170,8 @@ class DeformableDecoder(nn.Module):
             if self.ref_point_head is not None:
                 query_pos = self.ref_point_head(
                     box_sine_embedding(
-                        reference_points[:, :, 0], num_pos_feats=self.embed_dim // 2,
+                        reference_points[:, :, 0],
+                        num_pos_feats=self.embed_dim // 2,
                         yx_first=True,
                     )
                 )

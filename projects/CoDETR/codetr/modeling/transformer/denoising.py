@@ -3,6 +3,7 @@ Contrastive denoising (DINO): noised copies of the ground truth are decoded next
 matching queries and must be reconstructed (positives) or rejected as background
 (negatives).
 """
+
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -73,7 +74,9 @@ class ContrastiveDenoising(nn.Module):
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
 
-    def forward(self, targets: List[Dict[str, Tensor]], num_matching_queries: int) -> DenoisingQueries:
+    def forward(
+        self, targets: List[Dict[str, Tensor]], num_matching_queries: int
+    ) -> DenoisingQueries:
         """
         Args:
             targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh}.
@@ -93,7 +96,7 @@ class ContrastiveDenoising(nn.Module):
         noised_labels = labels.repeat(2 * num_groups)
         noised_boxes = boxes.repeat(2 * num_groups, 1)
         is_negative = torch.arange(2 * num_groups, device=device).repeat_interleave(len(labels))
-        is_negative = (is_negative % 2 == 1)
+        is_negative = is_negative % 2 == 1
 
         if self.label_noise_ratio > 0:
             flip = torch.rand(noised_labels.shape, device=device) < self.label_noise_ratio * 0.5

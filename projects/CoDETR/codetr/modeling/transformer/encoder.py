@@ -2,6 +2,7 @@
 The deformable transformer encoder: multi-scale deformable self-attention over the flattened
 multi-level tokens, post-norm.
 """
+
 from typing import Optional
 
 from torch import Tensor, nn
@@ -55,7 +56,11 @@ class DeformableEncoderLayer(nn.Module):
             (B, S, C)
         """
         attended = self.self_attn(
-            tokens + pos, tokens, reference_points, spatial_shapes, level_start_index,
+            tokens + pos,
+            tokens,
+            reference_points,
+            spatial_shapes,
+            level_start_index,
             padding_mask,
         )
         tokens = self.norm1(tokens + self.dropout(attended))
@@ -89,8 +94,12 @@ class DeformableEncoder(nn.Module):
             )
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(
-                embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels,
-                num_points=num_points, ffn_dim=ffn_dim, dropout=dropout,
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                num_levels=num_levels,
+                num_points=num_points,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
             )
             for _ in range(num_layers)
         )
@@ -104,12 +113,12 @@ class DeformableEncoder(nn.Module):
         Returns:
             memory: (B, S, C)
         """
-        reference_points = encoder_reference_points(
-            sequence.spatial_shapes, sequence.valid_ratios
-        )
+        reference_points = encoder_reference_points(sequence.spatial_shapes, sequence.valid_ratios)
         tokens = sequence.tokens
         args = (
-            reference_points, sequence.spatial_shapes, sequence.level_start_index,
+            reference_points,
+            sequence.spatial_shapes,
+            sequence.level_start_index,
             sequence.padding_mask,
         )
         for index, layer in enumerate(self.layers):

@@ -9,6 +9,7 @@ Conventions used by the whole transformer:
 - ``padding_mask``: True where a position lies in the padding of the batched image.
 - ``valid_ratios``: (B, L, 2), the fraction ``(w, h)`` of each level that is not padding.
 """
+
 from dataclasses import dataclass
 from typing import List
 
@@ -41,7 +42,10 @@ class MultiLevelSequence:
     def with_tokens(self, tokens: Tensor) -> "MultiLevelSequence":
         """The same layout holding other (B, S, C') tokens."""
         return MultiLevelSequence(
-            tokens, self.padding_mask, self.spatial_shapes, self.level_start_index,
+            tokens,
+            self.padding_mask,
+            self.spatial_shapes,
+            self.level_start_index,
             self.valid_ratios,
         )
 
@@ -69,9 +73,7 @@ def level_masks(padding_mask: Tensor, feature_maps: List[Tensor]) -> List[Tensor
         per level (B, H_l, W_l) bool.
     """
     image_mask = padding_mask[None].float()
-    return [
-        F.interpolate(image_mask, size=x.shape[-2:]).to(torch.bool)[0] for x in feature_maps
-    ]
+    return [F.interpolate(image_mask, size=x.shape[-2:]).to(torch.bool)[0] for x in feature_maps]
 
 
 def _valid_ratio(mask: Tensor) -> Tensor:
@@ -82,9 +84,7 @@ def _valid_ratio(mask: Tensor) -> Tensor:
     return torch.stack([valid_w, valid_h], -1)
 
 
-def flatten_levels(
-    feature_maps: List[Tensor], masks: List[Tensor]
-) -> MultiLevelSequence:
+def flatten_levels(feature_maps: List[Tensor], masks: List[Tensor]) -> MultiLevelSequence:
     """
     Args:
         feature_maps: per level (B, C, H_l, W_l).

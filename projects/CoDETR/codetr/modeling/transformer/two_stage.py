@@ -2,6 +2,7 @@
 Two-stage proposals: every encoder token becomes a proposal box centred on its cell, which
 the encoder-side prediction heads score and refine; the best ones seed the decoder queries.
 """
+
 from typing import Tuple
 
 import torch
@@ -27,7 +28,7 @@ def encoder_proposals(memory: MultiLevelSequence) -> Tuple[Tensor, Tensor]:
     proposals = []
     start = 0
     for level, (height, width) in enumerate(memory.spatial_shapes.tolist()):
-        level_mask = padding_mask[:, start:start + height * width].view(batch_size, height, width)
+        level_mask = padding_mask[:, start : start + height * width].view(batch_size, height, width)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
