@@ -28,14 +28,13 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from codetr.data import sync_num_classes
-from codetr.engine import LazyConfigTrainer, load_lazy_config
+from codetr.engine import AtomicCheckpointer, LazyConfigTrainer, load_lazy_config
 
 
 def register_datasets(specs: Optional[List[List[str]]]) -> None:
@@ -63,7 +62,7 @@ def main(args) -> Optional[Dict[str, Any]]:
     if args.eval_only:
         model = LazyConfigTrainer.build_model(cfg)
         model = LazyConfigTrainer.build_ddp_model(cfg, model)
-        DetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(
+        AtomicCheckpointer(model, cfg.train.output_dir).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )
         return LazyConfigTrainer.test(cfg, model)

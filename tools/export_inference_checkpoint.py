@@ -6,7 +6,7 @@ auxiliary heads, their extra feature level and the positive-query projections.
     python tools/export_inference_checkpoint.py IN.pth OUT.pth
 
 ``OUT.pth`` loads strictly into the training config with
-``model.aux_heads=[] model.positive_queries=None`` and gives identical ``detr`` outputs.
+``model.aux_heads=[] model.positive_queries=null`` and gives identical ``detr`` outputs.
 The optimizer / scheduler state of a training checkpoint is not kept.
 """
 

@@ -5,8 +5,8 @@ assignments (spec §3): a Faster R-CNN and an ATSS auxiliary head on the encoder
 shared decoder. At inference the auxiliary branch is not run.
 
 Ablation switches:
-- auxiliary heads off: ``model.aux_heads=[]`` and ``model.positive_queries=None``;
-- positive queries off: ``model.positive_queries=None``;
+- auxiliary heads off: ``model.aux_heads=[]`` and ``model.positive_queries=null``;
+- positive queries off: ``model.positive_queries=null``;
 - lambda_1: ``model.positive_queries.loss_weight`` (1.0);
 - lambda_2: ``model.aux_loss_weight`` (= num_decoder_layers x lambda_2 = 6 x 2.0 = 12);
 - which heads: edit the ``model.aux_heads`` list (and ``positive_queries.num_heads``).

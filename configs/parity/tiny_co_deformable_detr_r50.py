@@ -10,7 +10,7 @@ heads, 2 encoder + 2 decoder layers, FFN 128, 30 queries, 80 classes; test outpu
 over query x class, no NMS. Auxiliary heads as the R50 model (RoI head FC 128), positive
 queries capped at 20.
 
-The Deformable-DETR-only variant: ``model.aux_heads=[]`` and ``model.positive_queries=None``.
+The Deformable-DETR-only variant: ``model.aux_heads=[]`` and ``model.positive_queries=null``.
 """
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec

@@ -9,7 +9,7 @@ layers, FFN 128, 30 queries, 10 denoising queries, 80 classes; test output: top 
 query x class, soft-NMS 0.8, 300 kept. Auxiliary heads as the R50 model (RoI head FC 128),
 positive queries capped at 20.
 
-The DINO-only variant: ``model.aux_heads=[]`` and ``model.positive_queries=None``.
+The DINO-only variant: ``model.aux_heads=[]`` and ``model.positive_queries=null``.
 """
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec

@@ -109,3 +109,26 @@ class TestAtomicCheckpointer(unittest.TestCase):
     def test_not_main_process_writes_nothing(self):
         AtomicCheckpointer(self.model, self.save_dir, save_to_disk=False).save("model_final")
         self.assertEqual(os.listdir(self.save_dir), [])
+
+
+def test_loads_imagenet_backbone_weights_as_published(tmp_path):
+    """train.init_checkpoint may be a plain torchvision ResNet state dict."""
+    import torchvision
+
+    from codetr.modeling.backbone import build_resnet
+
+    class Detector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = build_resnet(depth=18, out_features=["res5"], freeze_at=0, norm="BN")
+
+    torch.manual_seed(0)
+    published = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(published, path)
+    model = Detector()
+    AtomicCheckpointer(model).load(str(path))
+    assert torch.equal(model.backbone.stem.conv1.weight, published["conv1.weight"])
+    assert torch.equal(
+        model.backbone.res5[1].conv2.norm.running_var, published["layer4.1.bn2.running_var"]
+    )

@@ -8,7 +8,11 @@ from .official import (
     load_official_checkpoint,
     official_key_to_ours,
 )
-from .resnet import convert_torchvision_resnet, torchvision_resnet_key
+from .resnet import (
+    convert_torchvision_resnet,
+    is_torchvision_resnet_state_dict,
+    torchvision_resnet_key,
+)
 from .swin import convert_official_swin, is_official_swin_state_dict, swin_key
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
-__all__ = ["torchvision_resnet_key", "convert_torchvision_resnet"]
+__all__ = ["torchvision_resnet_key", "is_torchvision_resnet_state_dict", "convert_torchvision_resnet"]
 
 _BLOCK = r"layer(?P<stage>[1-4])\.(?P<block>\d+)\."
 _RULES = [
@@ -48,6 +48,11 @@ def torchvision_resnet_key(key: str) -> Optional[str]:
                 groups["stage"] = int(groups["stage"]) + 1
             return template.format(**groups)
     return None
+
+
+def is_torchvision_resnet_state_dict(state_dict: Dict[str, Tensor]) -> bool:
+    """Whether an unprefixed state dict is a torchvision ResNet (e.g. ImageNet weights)."""
+    return "conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict
 
 
 def convert_torchvision_resnet(

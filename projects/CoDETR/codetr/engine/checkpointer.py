@@ -9,10 +9,17 @@ sees either the old complete file or the new complete file.
 """
 
 import os
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from codetr.checkpoint import (
+    convert_official_swin,
+    convert_torchvision_resnet,
+    is_official_swin_state_dict,
+    is_torchvision_resnet_state_dict,
+)
 
 __all__ = ["AtomicCheckpointer", "atomic_write"]
 
@@ -48,7 +55,22 @@ class AtomicCheckpointer(DetectionCheckpointer):
     ``last_checkpoint`` tag are written atomically (see :func:`atomic_write`), so an
     interrupted save never damages the previous checkpoint. ``save_dir`` must be on a local
     file system.
+
+    Loading also accepts ImageNet backbone weights as published: a plain torchvision ResNet
+    state dict, or an official Swin checkpoint; their names are mapped to the detector's
+    ``backbone.*``.
     """
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        loaded = super()._load_file(filename)
+        weights = loaded["model"]
+        if is_torchvision_resnet_state_dict(weights):
+            self.logger.info(f"{filename}: torchvision ResNet weights, mapped to backbone.*")
+            return {"model": convert_torchvision_resnet(weights)}
+        if is_official_swin_state_dict(weights):
+            self.logger.info(f"{filename}: official Swin weights, mapped to backbone.*")
+            return {"model": convert_official_swin(weights)}
+        return loaded
 
     def save(self, name: str, **kwargs: Any) -> None:
         """

@@ -8,6 +8,7 @@ A subclass decides how the decoder's matching queries are formed (``decode``) an
 to the losses (denoising, encoder proposals).
 """
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -126,7 +127,7 @@ class QueryHeadBase(nn.Module):
         nn.init.normal_(self.level_embeds)
 
     def _reset_prediction_heads(self) -> None:
-        prior_bias = -float(torch.log(torch.tensor((1 - 0.01) / 0.01)))
+        prior_bias = -math.log((1 - 0.01) / 0.01)
         for head in self.class_heads:
             nn.init.constant_(head.bias, prior_bias)
         for head in self.box_heads:

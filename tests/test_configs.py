@@ -1,0 +1,186 @@
+"""
+Every experiment config under ``configs/`` (``configs/common`` and ``configs/models`` are parts
+that the others import): it loads, survives ``LazyConfig.save`` to yaml and back, and its model
+builds at full size. Models are built on the meta device: shapes only, no memory and no
+initialisation cost, so even Swin-L builds in a fraction of a second.
+"""
+
+import math
+from pathlib import Path
+from typing import Dict, NamedTuple, Tuple
+from unittest import mock
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from torch import nn
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+# imported by the experiment configs, not run on their own
+_PARTS = ("common", "models")
+CONFIG_FILES = sorted(
+    path.relative_to(CONFIG_ROOT).as_posix()
+    for path in CONFIG_ROOT.rglob("*.py")
+    if path.relative_to(CONFIG_ROOT).parts[0] not in _PARTS
+)
+# the parity configs hold a model only
+TRAINING_CONFIG_FILES = [name for name in CONFIG_FILES if not name.startswith("parity/")]
+# parameters of the training-only branch (auxiliary heads, positive queries)
+TRAINING_ONLY_PREFIXES = ("aux_heads.", "aux_extra_level.", "positive_queries.")
+COCO_ITERS_PER_EPOCH = 7393
+
+_linspace = torch.linspace
+
+
+def _cpu_linspace(*args, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("device", "cpu")
+    return _linspace(*args, **kwargs)
+
+
+def build_on_meta(model_cfg) -> nn.Module:
+    """
+    ``instantiate(model_cfg)`` under ``torch.device("meta")``. detectron2's
+    ``SwinTransformer`` reads its drop-path rates back as Python numbers
+    (``x.item() for x in torch.linspace(...)``), which a meta tensor cannot give: that
+    ``linspace`` alone is computed on the CPU; every module is still built on the meta device.
+    """
+    with mock.patch.object(torch, "linspace", _cpu_linspace), torch.device("meta"):
+        return instantiate(model_cfg)
+
+
+def inference_parameter_count(model: nn.Module) -> int:
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if not name.startswith(TRAINING_ONLY_PREFIXES)
+    )
+
+
+def _parameter_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _load(name: str):
+    return LazyConfig.load(str(CONFIG_ROOT / name))
+
+
+def test_every_experiment_directory_is_collected():
+    assert {name.split("/")[0] for name in CONFIG_FILES} == {
+        "co_deformable_detr",
+        "co_dino",
+        "deformable_detr",
+        "dino",
+        "parity",
+        "toy",
+    }
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_round_trips_and_builds(name, tmp_path):
+    cfg = _load(name)
+    saved = tmp_path / "config.yaml"
+    LazyConfig.save(cfg, str(saved))
+    assert not Path(f"{saved}.pkl").exists()  # LazyConfig.save pickles what yaml cannot hold
+    reloaded = LazyConfig.load(str(saved))
+    assert set(reloaded) == set(cfg)
+    saved_again = tmp_path / "config_again.yaml"
+    LazyConfig.save(reloaded, str(saved_again))
+    assert saved_again.read_text() == saved.read_text()
+
+    model = build_on_meta(cfg.model)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert inference_parameter_count(model) > 0
+    assert _parameter_shapes(build_on_meta(reloaded.model)) == _parameter_shapes(model)
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIG_FILES)
+def test_schedule_spans_training(name):
+    """The lr schedule is read at iteration / max_iter: its own length must be max_iter."""
+    cfg = _load(name)
+    scheduler = cfg.lr_multiplier
+    while "scheduler" in scheduler:  # WarmupParamScheduler around a step schedule
+        scheduler = scheduler.scheduler
+    assert scheduler.num_updates == cfg.train.max_iter
+
+
+class SwinRecipe(NamedTuple):
+    """What the authors' Swin config sets, per experiment."""
+
+    size: str
+    window: int
+    drop_path: float
+    epochs: int
+    lr_step_epoch: int
+    queries: int
+    max_per_img: int  # detections kept at test time
+    weight_decay: float
+    lsj_size: int = 0  # 0: DETR augmentation
+
+
+_CO_DEFORMABLE = "co_deformable_detr/co_deformable_detr_swin_"
+_CO_DINO = "co_dino/co_dino_5scale_"
+SWIN_RECIPES = {
+    f"{_CO_DEFORMABLE}tiny_1x_coco.py": SwinRecipe("T", 7, 0.2, 12, 11, 300, 100, 0.05),
+    f"{_CO_DEFORMABLE}tiny_3x_coco.py": SwinRecipe("T", 7, 0.3, 36, 30, 300, 100, 0.05),
+    f"{_CO_DEFORMABLE}small_1x_coco.py": SwinRecipe("S", 7, 0.2, 12, 11, 300, 100, 0.05),
+    f"{_CO_DEFORMABLE}small_3x_coco.py": SwinRecipe("S", 7, 0.4, 36, 30, 300, 100, 0.05),
+    f"{_CO_DEFORMABLE}base_1x_coco.py": SwinRecipe("B", 12, 0.2, 12, 11, 300, 100, 0.05),
+    f"{_CO_DEFORMABLE}base_3x_coco.py": SwinRecipe("B", 12, 0.4, 36, 30, 300, 100, 0.05),
+    f"{_CO_DEFORMABLE}large_1x_coco.py": SwinRecipe("L", 12, 0.3, 12, 11, 300, 100, 0.05),
+    f"{_CO_DEFORMABLE}large_900q_3x_coco.py": SwinRecipe("L", 12, 0.6, 36, 30, 900, 300, 0.05),
+    f"{_CO_DINO}swin_large_1x_coco.py": SwinRecipe("L", 12, 0.3, 12, 11, 900, 300, 1e-4),
+    f"{_CO_DINO}swin_large_2x_coco.py": SwinRecipe("L", 12, 0.5, 24, 20, 900, 300, 1e-4),
+    f"{_CO_DINO}swin_large_3x_coco.py": SwinRecipe("L", 12, 0.6, 36, 30, 900, 300, 1e-4),
+    f"{_CO_DINO}lsj_swin_large_1x_coco.py": SwinRecipe("L", 12, 0.3, 12, 11, 900, 300, 1e-4, 1280),
+    f"{_CO_DINO}lsj_swin_large_2x_coco.py": SwinRecipe("L", 12, 0.5, 24, 20, 900, 300, 1e-4, 1280),
+    # the authors' LSJ 3x keeps the 2x drop path
+    f"{_CO_DINO}lsj_swin_large_3x_coco.py": SwinRecipe("L", 12, 0.5, 36, 30, 900, 300, 1e-4, 1280),
+}
+
+
+def test_every_swin_config_has_a_recipe():
+    assert sorted(name for name in CONFIG_FILES if "swin" in name) == sorted(SWIN_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(SWIN_RECIPES))
+def test_swin_config_follows_the_authors(name):
+    recipe = SWIN_RECIPES[name]
+    cfg = _load(name)
+    co_dino = name.startswith(_CO_DINO)
+    backbone = cfg.model.backbone
+    assert (backbone.size, backbone.window_size) == (recipe.size, recipe.window)
+    assert backbone.drop_path_rate == pytest.approx(recipe.drop_path)
+    assert not backbone.use_checkpoint
+    # Co-DINO: all 4 stages (strides 4..32); Co-Deformable-DETR: the last 3 (8..32); + 1 extra
+    stages = ["p0", "p1", "p2", "p3"] if co_dino else ["p1", "p2", "p3"]
+    assert list(backbone.out_features) == stages
+    assert cfg.model.neck.num_extra_levels == 1
+    head = cfg.model.query_head
+    assert head.encoder.num_levels == head.decoder.num_levels == len(stages) + 1
+    assert head.num_queries == recipe.queries
+    # test output: top-k over query x class (Co-DINO: all 900, then soft-NMS)
+    assert head.num_candidates == (900 if co_dino else recipe.max_per_img)
+    assert head.max_detections == recipe.max_per_img
+    if co_dino:
+        assert head.encoder.num_checkpointed_layers == 6
+
+    assert cfg.train.max_iter == recipe.epochs * COCO_ITERS_PER_EPOCH
+    assert list(cfg.lr_multiplier.milestones) == [recipe.lr_step_epoch * COCO_ITERS_PER_EPOCH]
+    assert cfg.optimizer.lr == 2e-4
+    assert math.isclose(cfg.optimizer.weight_decay, recipe.weight_decay)
+    lr_factor = cfg.optimizer.params.lr_factor_func
+    assert lr_factor("backbone.layers.2.blocks.0.attn.qkv.weight") == 0.1
+    assert lr_factor("query_head.encoder.layers.0.self_attn.sampling_offsets.weight") == (
+        1.0 if co_dino else 0.1
+    )
+
+    train_augmentation = cfg.dataloader.train.mapper.augmentation
+    test_augmentation = cfg.dataloader.test.mapper.augmentation
+    if recipe.lsj_size:
+        assert train_augmentation.image_size == test_augmentation.image_size == recipe.lsj_size
+        assert cfg.dataloader.train.mapper.augmentation_with_crop is None
+    else:
+        assert cfg.dataloader.train.mapper.augmentation_with_crop is not None
+        assert (test_augmentation.min_size, test_augmentation.max_size) == (800, 1333)
+    output_dir = "./output/" + Path(name).stem
+    assert cfg.train.output_dir == cfg.dataloader.evaluator.output_dir == output_dir
