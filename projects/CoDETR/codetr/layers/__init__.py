@@ -4,6 +4,7 @@ soft-NMS and MLPs."""
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from .mlp import MLP
 from .ms_deform_attn import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from .ms_deform_attn_fast import multi_scale_deformable_attention_fast
 from .position_encoding import SinePositionEmbedding, box_sine_embedding
 from .soft_nms import batched_soft_nms
 
@@ -14,6 +15,7 @@ __all__ = [
     "MLP",
     "MultiScaleDeformableAttention",
     "multi_scale_deformable_attention",
+    "multi_scale_deformable_attention_fast",
     "SinePositionEmbedding",
     "box_sine_embedding",
     "batched_soft_nms",

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ms_deform_attn_fast import multi_scale_deformable_attention_fast
+
 __all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
 
 
@@ -69,6 +71,10 @@ class MultiScaleDeformableAttention(nn.Module):
     ``num_points`` sampling offsets around its reference point on every level and softmax
     weights over all ``num_levels * num_points`` samples. Returns ``output_proj`` of the
     attended values only: position embedding, residual and dropout are the caller's.
+
+    The sampling runs :func:`multi_scale_deformable_attention_fast` (equal to the reference
+    :func:`multi_scale_deformable_attention`). Under autocast or with 16-bit inputs, the softmax,
+    the sampling locations and the sampling are computed in float32.
     """
 
     def __init__(
@@ -155,14 +161,15 @@ class MultiScaleDeformableAttention(nn.Module):
         sampling_offsets = self.sampling_offsets(query).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
         )
-        attention_weights = self.attention_weights(query).view(
+        attention_weights = _to_float32_if_half(self.attention_weights(query)).view(
             batch_size, num_queries, self.num_heads, self.num_levels * self.num_points
         )
         attention_weights = attention_weights.softmax(-1).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points
         )
+        sampling_offsets = _to_float32_if_half(sampling_offsets)
         # (B, Q, 1, L, 1, 2 or 4)
-        references = reference_points[:, :, None, :, None, :]
+        references = _to_float32_if_half(reference_points)[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: (w, h) -> normalised units
             level_sizes = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
@@ -172,7 +179,7 @@ class MultiScaleDeformableAttention(nn.Module):
             sampling_locations = (
                 references[..., :2] + sampling_offsets / self.num_points * references[..., 2:] * 0.5
             )
-        output = multi_scale_deformable_attention(
+        output = multi_scale_deformable_attention_fast(
             value, spatial_shapes, sampling_locations, attention_weights
         )
         return self.output_proj(output)
@@ -240,3 +247,10 @@ class MultiScaleDeformableAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_levels={self.num_levels}, num_points={self.num_points}"
         )
+
+
+def _to_float32_if_half(tensor: Tensor) -> Tensor:
+    """float16 / bfloat16 tensors in float32, others unchanged."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor

@@ -1,0 +1,568 @@
+"""
+Fast multi-scale deformable attention in pure PyTorch, for CPU and CUDA.
+
+Same contract and semantics as the reference
+:func:`codetr.layers.ms_deform_attn.multi_scale_deformable_attention` (bilinear sampling with
+``grid_sample(align_corners=False)`` conventions, zeros outside the maps, corners chosen with
+grid_sample's own rounding), computed without per-level sampled tensors or concatenations:
+
+* Forward: the four bilinear corners of every sampling point are found by index arithmetic, and
+  bilinear weights times attention weights become the per-sample weights of one
+  ``embedding_bag`` that gathers and sums all ``L * P * 4`` corners of every (image, query,
+  head) in a fused kernel. With many sampling points (encoder), the value maps are first copied
+  into zero-padded maps (one row / column before, two after every level) so that corners
+  outside a map read zeros without any test; with few points (decoder), the corners index the
+  values themselves, clamped into the maps, and corners outside get zero weight. Points are
+  processed in chunks of ``_POINTS_PER_CHUNK`` so that intermediates stay small.
+* Backward (analytic, no autograd graph of the forward): the dot products of the output
+  gradient with the values at every corner give the attention-weight and sampling-location
+  gradients; the value gradient is the transposed gather: sampling points are sorted by their
+  top-left corner and one ``embedding_bag`` per corner position sums the weighted output
+  gradients that land on every pixel (deterministic: no atomic additions).
+
+Every op used has CPU and CUDA kernels, so the same formulation serves both devices (on CUDA it
+has not been timed here). Inputs in 16-bit floats, also inside autocast regions, are computed
+in float32 and the result is cast back.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = ["multi_scale_deformable_attention_fast"]
+
+# corner order of the bilinear weights and indices: (row, column) offsets of the four corners
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+# sampling points processed at once: intermediate tensors of a few MiB, few kernel launches
+_POINTS_PER_CHUNK = 1 << 20
+# The forward pass gathers from zero-padded copies of the value maps when there are at least
+# this many sampling points per value element (encoder queries). With fewer points (decoder
+# queries) it gathers from the values themselves, clamping the corners into the maps and
+# zeroing the weights of the corners outside: more work per point, but no copy of the values.
+_MIN_POINTS_PER_VALUE_FOR_PADDING = 1 / 32
+
+
+def multi_scale_deformable_attention_fast(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """
+    Multi-scale deformable attention, numerically equal to the reference function and
+    differentiable with respect to ``value``, ``sampling_locations`` and ``attention_weights``.
+
+    Args:
+        value: (B, S, H, Dh) values of H heads, S = sum over levels of h * w, levels
+            flattened row-major one after the other.
+        spatial_shapes: (L, 2) integer, (h, w) of each level.
+        sampling_locations: (B, Q, H, L, P, 2) normalised (x, y), (0, 0) the top-left corner
+            and (1, 1) the bottom-right corner of each level.
+        attention_weights: (B, Q, H, L, P).
+
+    Returns:
+        (B, Q, H * Dh) in the dtype of ``value``; float16 / bfloat16 inputs are computed in
+        float32 (also inside autocast regions).
+    """
+    level_shapes = _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    compute_dtype = torch.promote_types(value.dtype, torch.float32)
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        output = _GatherDeformableAttention.apply(
+            value.to(compute_dtype),
+            level_shapes,
+            sampling_locations.to(compute_dtype),
+            attention_weights.to(compute_dtype),
+        )
+    return output.to(value.dtype)
+
+
+def _check_inputs(
+    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tuple[Tuple[int, int], ...]:
+    """Raises ValueError on inconsistent shapes; returns the (h, w) of every level."""
+    if value.dim() != 4:
+        raise ValueError(f"value must have shape (B, S, H, Dh), got {tuple(value.shape)}")
+    batch_size, num_values, num_heads, _ = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(
+            f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}"
+        )
+    level_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+    if sum(h * w for h, w in level_shapes) != num_values:
+        raise ValueError(
+            f"value has S={num_values} positions but spatial_shapes {list(level_shapes)} "
+            f"sum to {sum(h * w for h, w in level_shapes)}"
+        )
+    if (
+        sampling_locations.dim() != 6
+        or sampling_locations.shape[0] != batch_size
+        or sampling_locations.shape[2:4] != (num_heads, len(level_shapes))
+        or sampling_locations.shape[5] != 2
+    ):
+        raise ValueError(
+            f"sampling_locations must have shape (B, Q, H, L, P, 2) = "
+            f"({batch_size}, Q, {num_heads}, {len(level_shapes)}, P, 2), "
+            f"got {tuple(sampling_locations.shape)}"
+        )
+    if attention_weights.shape != sampling_locations.shape[:5]:
+        raise ValueError(
+            f"attention_weights must have shape {tuple(sampling_locations.shape[:5])}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    return level_shapes
+
+
+class _LevelTables:
+    """
+    Where the level maps lie in the value table (B * S * H, Dh) of rows (image, pixel, head)
+    and in the zero-padded table of :func:`_pad_value_maps`, as small tensors shared by all
+    chunks of sampling points.
+    """
+
+    def __init__(
+        self,
+        level_shapes: Sequence[Tuple[int, int]],
+        batch_size: int,
+        num_heads: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        sizes = torch.tensor(level_shapes, device=device)
+        num_levels = sizes.shape[0]
+        # (L, 1, 2) map sizes as (w, h)
+        self.extents = sizes.flip(-1).to(dtype).view(num_levels, 1, 2)
+        self.padded_size = _padded_size(level_shapes)
+        num_values = sum(h * w for h, w in level_shapes)
+        num_rows = batch_size * max(self.padded_size, num_values) * num_heads
+        self.index_dtype = torch.int32 if num_rows < 2**31 else torch.int64
+        heights, widths = sizes[:, :1], sizes[:, 1:]
+        heads = torch.arange(num_heads, device=device).view(num_heads, 1, 1)
+        self.num_heads = num_heads
+
+        # value table: (H, L, 1) row of pixel (0, 0) of every head and level of image 0
+        level_sizes = heights * widths
+        starts = level_sizes.cumsum(0) - level_sizes
+        self.value_origins = (starts * num_heads + heads).to(self.index_dtype)
+        self.value_image_rows = num_values * num_heads
+        # (L, 1, 1) rows between vertically adjacent pixels
+        self.value_row_steps = (widths * num_heads).to(self.index_dtype).view(num_levels, 1, 1)
+        # (L, 1, 2, 1) last column and row of every map
+        self.last_pixels = (sizes.flip(-1) - 1).to(self.index_dtype).view(num_levels, 1, 2, 1)
+
+        # padded table: (H, L, 1) row of padded pixel (1, 1), i.e. map pixel (0, 0)
+        padded_widths = widths + 3
+        padded_level_sizes = (heights + 3) * padded_widths
+        origins = padded_level_sizes.cumsum(0) - padded_level_sizes + padded_widths + 1
+        self.padded_origins = (origins * num_heads + heads).to(self.index_dtype)
+        self.padded_image_rows = self.padded_size * num_heads
+        self.padded_widths = padded_widths.to(self.index_dtype)
+        corner_pixels = torch.cat([padded_widths * row + column for row, column in _CORNERS], 1)
+        # (L, 1, 4) row offsets of the four corners from the top-left one
+        self.corner_offsets = (corner_pixels * num_heads).to(self.index_dtype)
+        self.corner_offsets = self.corner_offsets.view(num_levels, 1, 4)
+
+
+def _padded_size(level_shapes: Sequence[Tuple[int, int]]) -> int:
+    """Pixels of the padded maps of one image."""
+    return sum((h + 3) * (w + 3) for h, w in level_shapes)
+
+
+def _pad_value_maps(value: Tensor, level_shapes: Sequence[Tuple[int, int]]) -> Tensor:
+    """
+    (B, S, H, Dh) -> (B * Sp * H, Dh) table of rows (image, padded pixel, head): every level
+    map zero-padded by one row / column before and two after, Sp = sum of (h + 3) * (w + 3).
+    """
+    batch_size, _, num_heads, head_dim = value.shape
+    channels = num_heads * head_dim
+    padded = value.new_zeros(batch_size, _padded_size(level_shapes), channels)
+    start = padded_start = 0
+    for height, width in level_shapes:
+        level = padded[:, padded_start : padded_start + (height + 3) * (width + 3)]
+        level.view(batch_size, height + 3, width + 3, channels)[
+            :, 1 : height + 1, 1 : width + 1
+        ] = value[:, start : start + height * width].reshape(batch_size, height, width, channels)
+        start += height * width
+        padded_start += (height + 3) * (width + 3)
+    return padded.view(-1, head_dim)
+
+
+def _pixel_coordinates(
+    sampling_locations: Tensor, extents: Tensor, with_outside_mask: bool
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """
+    Args:
+        sampling_locations: (..., L, P, 2) normalised locations (x, y).
+        extents: (L, 1, 2) map sizes (w, h).
+
+    Returns:
+        integer_parts: (..., L, P, 2) pixel of the top-left corner (float), in [-1, size].
+        frac: (..., L, P, 2) position between the left / top and the right / bottom corners,
+            in [0, 1).
+        outside: (..., L, P, 2) bool, True where the coordinate is so far outside the map that
+            no corner is inside (it was clamped: no location gradient); None unless
+            ``with_outside_mask``.
+    """
+    # grid_sample's arithmetic (align_corners=False): grid = 2 * location - 1, then
+    # pixel = (grid + 1) * size / 2 - 0.5 with one rounding (a fused multiply-add), so that
+    # corners are chosen exactly as in the reference; pixel centres are at integers
+    pixels = torch.add(sampling_locations.new_tensor(-1.0), sampling_locations, alpha=2).add_(1)
+    pixels = torch.addcmul(pixels.new_tensor(-0.5), pixels, extents / 2)
+    outside = ((pixels < -1) | (pixels > extents)) if with_outside_mask else None
+    pixels = torch.clamp_(pixels, min=torch.full_like(extents, -1.0), max=extents)
+    # NaN locations keep a NaN fraction (so NaN outputs) but get a valid corner
+    integer_parts = pixels.nan_to_num(0.0).floor_()
+    return integer_parts, pixels.sub_(integer_parts), outside
+
+
+def _axis_weights(frac: Tensor) -> Tensor:
+    """(..., 2, 2) bilinear weights (1 - f, f) of the two corners along x and along y."""
+    return torch.stack([1 - frac, frac], dim=-1)
+
+
+def _corner_weights(axis_weights: Tensor, attention_weights: Tensor) -> Tensor:
+    """
+    (..., 4) weights of the four corners: products of the weights along y and along x
+    ``axis_weights`` (..., 2, 2), times ``attention_weights`` (...).
+    """
+    row_weights = axis_weights[..., 1, :] * attention_weights[..., None]
+    return (row_weights[..., :, None] * axis_weights[..., 0, None, :]).flatten(-2)
+
+
+def _padded_top_left(integer_parts: Tensor, tables: _LevelTables, images: Tensor) -> Tensor:
+    """
+    (R, H, L, P) padded-table row of the top-left corners, from the corner pixels
+    ``integer_parts`` (R, H, L, P, 2) of R (image, query) pairs of ``images`` (R,).
+    """
+    integer_parts = integer_parts.to(tables.index_dtype)
+    top_left = integer_parts[..., 1] * tables.padded_widths
+    top_left = top_left.add_(integer_parts[..., 0]).mul_(tables.num_heads)
+    origins = images.to(tables.index_dtype).mul_(tables.padded_image_rows).view(-1, 1, 1, 1)
+    return top_left.add_(origins + tables.padded_origins)
+
+
+def _clamped_corners(
+    integer_parts: Tensor, tables: _LevelTables, images: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """
+    Value-table rows (R, H, L, P, 4) of the four corners, clamped into the maps, from the
+    corner pixels ``integer_parts`` (R, H, L, P, 2) of R (image, query) pairs of ``images``
+    (R,), and (R, H, L, P, 2, 2) bool: whether the first / second corner along x / y lies in
+    the map.
+    """
+    first = integer_parts.to(tables.index_dtype)
+    # (R, H, L, P, 2, 2): corners along x and along y
+    corners = torch.stack([first, first + 1], dim=-1)
+    clamped = torch.clamp(corners, min=torch.zeros_like(tables.last_pixels), max=tables.last_pixels)
+    origins = images.to(tables.index_dtype).mul_(tables.value_image_rows).view(-1, 1, 1, 1)
+    origins = (origins + tables.value_origins)[..., None]
+    rows = clamped[..., 1, :] * tables.value_row_steps + origins
+    indices = rows[..., :, None] + clamped[..., 0, None, :] * tables.num_heads
+    return indices.flatten(-2), clamped == corners
+
+
+def _corner_validity(inside: Tensor) -> Tensor:
+    """(..., 2, 2) whether corner (row, column) is in the map, from ``inside`` (..., 2, 2)."""
+    return inside[..., 1, :, None] & inside[..., 0, None, :]
+
+
+def _gathers_from_padded_maps(value: Tensor, attention_weights: Tensor) -> bool:
+    """See ``_MIN_POINTS_PER_VALUE_FOR_PADDING``."""
+    return attention_weights.numel() >= value.numel() * _MIN_POINTS_PER_VALUE_FOR_PADDING
+
+
+def _chunks(num_pairs: int, points_per_pair: int) -> Sequence[Tuple[int, int]]:
+    """[start, end) ranges of (image, query) pairs with about ``_POINTS_PER_CHUNK`` points."""
+    pairs_per_chunk = max(1, _POINTS_PER_CHUNK // max(points_per_pair, 1))
+    return [
+        (start, min(start + pairs_per_chunk, num_pairs))
+        for start in range(0, num_pairs, pairs_per_chunk)
+    ]
+
+
+class _GatherDeformableAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        value: Tensor,
+        level_shapes: Tuple[Tuple[int, int], ...],
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> Tensor:
+        batch_size, _, num_heads, head_dim = value.shape
+        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+        tables = _LevelTables(level_shapes, batch_size, num_heads, value.device, value.dtype)
+        use_padding = _gathers_from_padded_maps(value, attention_weights)
+        if use_padding:
+            table = _pad_value_maps(value, level_shapes)
+        else:
+            table = value.reshape(-1, head_dim)
+        # (R, H, L, P, ...) with R = B * Q (image, query) pairs
+        locations = sampling_locations.reshape(-1, num_heads, num_levels, num_points, 2)
+        weights = attention_weights.reshape(-1, num_heads, num_levels, num_points)
+        images = torch.arange(locations.shape[0], device=value.device) // max(num_queries, 1)
+        output = value.new_empty(locations.shape[0], num_heads, head_dim)
+        for start, end in _chunks(locations.shape[0], num_heads * num_levels * num_points):
+            integer_parts, frac, _ = _pixel_coordinates(
+                locations[start:end], tables.extents, with_outside_mask=False
+            )
+            if use_padding:
+                top_left = _padded_top_left(integer_parts, tables, images[start:end])
+                indices = top_left[..., None] + tables.corner_offsets
+                corner_weights = _corner_weights(_axis_weights(frac), weights[start:end])
+            else:
+                indices, inside = _clamped_corners(integer_parts, tables, images[start:end])
+                corner_weights = _corner_weights(
+                    _axis_weights(frac).mul_(inside), weights[start:end]
+                )
+            bags = (end - start) * num_heads
+            output[start:end] = F.embedding_bag(
+                indices.view(bags, -1),
+                table,
+                per_sample_weights=corner_weights.view(bags, -1),
+                mode="sum",
+            ).view(end - start, num_heads, head_dim)
+        ctx.level_shapes = level_shapes
+        ctx.save_for_backward(value, sampling_locations, attention_weights)
+        return output.view(batch_size, num_queries, num_heads * head_dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_output: Tensor
+    ) -> Tuple[Optional[Tensor], None, Optional[Tensor], Optional[Tensor]]:
+        value, sampling_locations, attention_weights = ctx.saved_tensors
+        needs_value, _, needs_locations, needs_weights = ctx.needs_input_grad
+        batch_size, num_queries, num_heads, num_levels, num_points, _ = sampling_locations.shape
+        tables = _LevelTables(ctx.level_shapes, batch_size, num_heads, value.device, value.dtype)
+        use_padding = _gathers_from_padded_maps(value, attention_weights)
+        if use_padding:
+            table = _pad_value_maps(value, ctx.level_shapes)
+        else:
+            table = value.reshape(-1, value.shape[-1])
+        locations = sampling_locations.reshape(-1, num_heads, num_levels, num_points, 2)
+        weights = attention_weights.reshape(-1, num_heads, num_levels, num_points)
+        num_pairs = locations.shape[0]
+        images = torch.arange(num_pairs, device=locations.device) // max(num_queries, 1)
+        # (R * H, Dh)
+        grad_output = grad_output.reshape(-1, value.shape[-1]).contiguous()
+        grad_locations = torch.empty_like(locations) if needs_locations else None
+        grad_weights = torch.empty_like(weights) if needs_locations or needs_weights else None
+        # what the value gradient needs of all points: with padded maps the top-left corners and
+        # fractions, with clamped corners the corners and their weights
+        if needs_value and use_padding:
+            top_lefts = locations.new_empty(weights.shape, dtype=tables.index_dtype)
+            fracs = torch.empty_like(locations)
+        elif needs_value:
+            all_corners = locations.new_empty((*weights.shape, 4), dtype=tables.index_dtype)
+            all_corner_weights = locations.new_empty((*weights.shape, 4))
+        chunks = _chunks(num_pairs, num_heads * num_levels * num_points)
+        dots = _CornerDots(
+            table,
+            corners_per_bag=num_levels * num_points * 4,
+            max_bags=max(((end - start) * num_heads for start, end in chunks), default=0),
+            index_dtype=tables.index_dtype,
+        )
+        for start, end in chunks:
+            integer_parts, frac, outside = _pixel_coordinates(
+                locations[start:end], tables.extents, needs_locations
+            )
+            if use_padding:
+                top_left = _padded_top_left(integer_parts, tables, images[start:end])
+                indices = top_left[..., None] + tables.corner_offsets
+                if needs_value:
+                    top_lefts[start:end] = top_left
+                    fracs[start:end] = frac
+            else:
+                indices, inside = _clamped_corners(integer_parts, tables, images[start:end])
+                if needs_value:
+                    all_corners[start:end] = indices
+                    all_corner_weights[start:end] = _corner_weights(
+                        _axis_weights(frac).mul_(inside), weights[start:end]
+                    )
+            if grad_weights is None:
+                continue
+            corner_dots = dots(indices, grad_output[start * num_heads : end * num_heads])
+            if not use_padding:
+                # as if the corners outside the maps read zeros
+                corner_dots = corner_dots.mul_(_corner_validity(inside))
+            _location_and_weight_grads(
+                corner_dots,
+                frac,
+                outside,
+                weights[start:end],
+                tables.extents,
+                grad_weights[start:end],
+                grad_locations[start:end] if needs_locations else None,
+            )
+        grad_value = None
+        if needs_value and use_padding:
+            grad_value = _value_grad_from_top_left(
+                top_lefts, fracs, weights, grad_output, value.shape, ctx.level_shapes
+            )
+        elif needs_value:
+            grad_value = _value_grad_from_corners(
+                all_corners, all_corner_weights, grad_output, value.shape
+            )
+        if grad_weights is not None:
+            grad_weights = grad_weights.view_as(attention_weights) if needs_weights else None
+        if grad_locations is not None:
+            grad_locations = grad_locations.view_as(sampling_locations)
+        return grad_value, None, grad_locations, grad_weights
+
+
+class _CornerDots:
+    """
+    Dot products of output gradients with the values at the corners of the sampling points:
+    the per-sample-weight gradient of ``embedding_bag``, here with fixed-size bags.
+    """
+
+    def __init__(
+        self,
+        table: Tensor,
+        *,
+        corners_per_bag: int,
+        max_bags: int,
+        index_dtype: torch.dtype,
+    ):
+        self.table = table
+        self.corners_per_bag = corners_per_bag
+        device = table.device
+        # embedding_bag's bookkeeping, in the dtype of the indices: first corner of every bag
+        # and bag of every corner
+        self.bag_starts = torch.arange(
+            0, max_bags * corners_per_bag, corners_per_bag, device=device, dtype=index_dtype
+        )
+        self.corner_bags = torch.arange(max_bags, device=device, dtype=index_dtype)
+        self.corner_bags = self.corner_bags.repeat_interleave(corners_per_bag)
+
+    def __call__(self, corner_indices: Tensor, grad_output: Tensor) -> Tensor:
+        """
+        Args:
+            corner_indices: (R, H, L, P, 4) table rows of the corners of R * H bags.
+            grad_output: (R * H, Dh) output gradient of every bag.
+
+        Returns:
+            (R, H, L, P, 2, 2) dot products.
+        """
+        num_bags = grad_output.shape[0]
+        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad_output,
+            self.table,
+            corner_indices.reshape(-1),
+            self.bag_starts[:num_bags],
+            self.corner_bags[: num_bags * self.corners_per_bag],
+            0,  # mode "sum"
+            -1,  # no padding index
+        )
+        return dots.view(*corner_indices.shape[:-1], 2, 2)
+
+
+def _location_and_weight_grads(
+    dots: Tensor,
+    frac: Tensor,
+    outside: Optional[Tensor],
+    attention_weights: Tensor,
+    extents: Tensor,
+    grad_weights: Tensor,
+    grad_locations: Optional[Tensor],
+) -> None:
+    """
+    Writes the gradients of the attention weights (R, H, L, P) and, unless None, of the
+    sampling locations (R, H, L, P, 2) of a chunk, given its corner dot products
+    (R, H, L, P, 2, 2).
+    """
+    frac_x, frac_y = frac[..., 0], frac[..., 1]
+    top = torch.lerp(dots[..., 0, 0], dots[..., 0, 1], frac_x)
+    bottom = torch.lerp(dots[..., 1, 0], dots[..., 1, 1], frac_x)
+    torch.lerp(top, bottom, frac_y, out=grad_weights)
+    if grad_locations is None:
+        return
+    # derivatives of the sample with respect to the pixel coordinates, times the attention
+    # weight and d(pixel) / d(location) = map size; zero where the coordinate was clamped
+    d_dx = torch.lerp(dots[..., 0, 1] - dots[..., 0, 0], dots[..., 1, 1] - dots[..., 1, 0], frac_y)
+    torch.mul(torch.stack([d_dx, bottom.sub_(top)], dim=-1), extents, out=grad_locations)
+    grad_locations.mul_(attention_weights[..., None]).masked_fill_(outside, 0.0)
+
+
+def _value_grad_from_top_left(
+    top_left: Tensor,
+    frac: Tensor,
+    attention_weights: Tensor,
+    grad_output: Tensor,
+    value_shape: torch.Size,
+    level_shapes: Sequence[Tuple[int, int]],
+) -> Tensor:
+    """
+    (B, S, H, Dh) value gradient, from the top-left corner rows (R, H, L, P), fractions
+    (R, H, L, P, 2) and attention weights (R, H, L, P) of all sampling points and the output
+    gradient (R * H, Dh). Points are sorted by their top-left corner; for each corner position
+    one ``embedding_bag`` sums the weighted output gradients of the points of every padded
+    pixel, and the four sums are added with the corner's offset.
+    """
+    batch_size, _, num_heads, head_dim = value_shape
+    padded_size = _padded_size(level_shapes)
+    top_left = top_left.reshape(-1)
+    points_per_bag = attention_weights.shape[2] * attention_weights.shape[3]
+    order = torch.argsort(top_left, stable=True)
+    counts = torch.bincount(top_left, minlength=batch_size * padded_size * num_heads)
+    pixel_offsets = counts.cumsum(0).sub_(counts)
+    point_bags = torch.div(order, points_per_bag, rounding_mode="floor")
+    frac = frac.view(-1, 2).index_select(0, order)
+    weights = attention_weights.reshape(-1).index_select(0, order)
+    bottom = weights * frac[:, 1]
+    top = weights.sub_(bottom)
+    top_right, bottom_right = top * frac[:, 0], bottom * frac[:, 0]
+    corner_weights = (top - top_right, top_right, bottom - bottom_right, bottom_right)
+    # (B, Sp, H * Dh): gradient of the padded value maps
+    grad_padded = None
+    for (row_offset, column_offset), weights in zip(_CORNERS, corner_weights):
+        from_corner = F.embedding_bag(
+            point_bags, grad_output, pixel_offsets, per_sample_weights=weights, mode="sum"
+        ).view(batch_size, padded_size, num_heads * head_dim)
+        if grad_padded is None:
+            grad_padded = from_corner
+            continue
+        padded_start = 0
+        for height, width in level_shapes:
+            # the corner of top-left pixel p is pixel p + shift, within the same padded level
+            shift = row_offset * (width + 3) + column_offset
+            padded_end = padded_start + (height + 3) * (width + 3)
+            grad_padded[:, padded_start + shift : padded_end] += from_corner[
+                :, padded_start : padded_end - shift
+            ]
+            padded_start = padded_end
+    grad_value = grad_output.new_empty(value_shape)
+    start = padded_start = 0
+    for height, width in level_shapes:
+        padded_level = grad_padded[:, padded_start : padded_start + (height + 3) * (width + 3)]
+        padded_level = padded_level.view(batch_size, height + 3, width + 3, num_heads * head_dim)
+        grad_value[:, start : start + height * width].view(
+            batch_size, height, width, num_heads * head_dim
+        ).copy_(padded_level[:, 1 : height + 1, 1 : width + 1])
+        start += height * width
+        padded_start += (height + 3) * (width + 3)
+    return grad_value
+
+
+def _value_grad_from_corners(
+    corners: Tensor, corner_weights: Tensor, grad_output: Tensor, value_shape: torch.Size
+) -> Tensor:
+    """
+    (B, S, H, Dh) value gradient from the value-table rows (R, H, L, P, 4) of all corners,
+    their weights (R, H, L, P, 4) and the output gradient (R * H, Dh): corners sorted by row,
+    one ``embedding_bag`` sums the weighted output gradients reaching every row.
+    """
+    corners_per_bag = corners.shape[2] * corners.shape[3] * 4
+    rows = corners.reshape(-1)
+    order = torch.argsort(rows, stable=True)
+    touched_rows, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    sums = F.embedding_bag(
+        torch.div(order, corners_per_bag, rounding_mode="floor"),
+        grad_output,
+        counts.cumsum(0).sub_(counts),
+        per_sample_weights=corner_weights.reshape(-1)[order],
+        mode="sum",
+    )
+    grad_value = grad_output.new_zeros(value_shape)
+    grad_value.view(-1, value_shape[-1]).index_copy_(0, touched_rows.long(), sums)
+    return grad_value
