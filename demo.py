@@ -26,7 +26,7 @@ from detectron2.utils.visualizer import Visualizer
 from omegaconf import DictConfig
 
 import codetr.data  # noqa: F401  (registers the project's datasets and their metadata)
-from codetr.engine import LazyPredictor, load_lazy_config
+from codetr.engine import LazyPredictor, flush_denormals, load_lazy_config
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -86,6 +86,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_argument_parser().parse_args(argv)
     setup_logger(name="codetr")
     setup_logger()
+    flush_denormals()
     cfg = load_lazy_config(args.config_file, args.opts)
     if not cfg.train.init_checkpoint:
         raise ValueError("No weights: give them with the override train.init_checkpoint=PATH")

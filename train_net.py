@@ -34,7 +34,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from codetr.data import sync_num_classes
-from codetr.engine import AtomicCheckpointer, LazyConfigTrainer, load_lazy_config
+from codetr.engine import (
+    AtomicCheckpointer,
+    LazyConfigTrainer,
+    flush_denormals,
+    load_lazy_config,
+)
 
 
 def register_datasets(specs: Optional[List[List[str]]]) -> None:
@@ -54,6 +59,7 @@ def main(args) -> Optional[Dict[str, Any]]:
         the evaluation results (of the last evaluation when training), if any.
     """
     register_datasets(args.register_coco)
+    flush_denormals()
     cfg = load_lazy_config(args.config_file, args.opts or [])
     sync_num_classes(cfg, eval_only=args.eval_only)
     default_setup(cfg, args)  # sets up the "detectron2" and "fvcore" loggers

@@ -30,7 +30,7 @@ from detectron2.config import instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from codetr.engine import load_lazy_config
+from codetr.engine import flush_denormals, load_lazy_config
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -125,6 +125,7 @@ def random_inputs(args, generator: torch.Generator) -> List[Dict]:
 
 
 def benchmark(args: argparse.Namespace) -> Dict:
+    flush_denormals()
     cfg = load_lazy_config(args.config_file, args.opts)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)

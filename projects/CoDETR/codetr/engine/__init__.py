@@ -9,6 +9,7 @@ from .trainer import (
     DeviceAMPTrainer,
     LazyConfigTrainer,
     default_device,
+    flush_denormals,
     load_lazy_config,
     train_device,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "add_gradient_clipping",
     "atomic_write",
     "default_device",
+    "flush_denormals",
     "load_lazy_config",
     "lr_factor",
     "train_device",
