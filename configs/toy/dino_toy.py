@@ -42,10 +42,10 @@ head.denoising.update(embed_dim=EMBED_DIM, num_dn_queries=50)
 optimizer.lr = 1e-3
 optimizer.params.lr_factor_func = partial(lr_factor, backbone_multiplier=1.0)
 
-train.max_iter = 1200
+train.max_iter = 240
 # x0.1 for the last 15% of training, whatever train.max_iter is
 lr_multiplier = L(step_lr_multiplier)(num_updates="${..train.max_iter}", decay_fraction=0.85)
 train.output_dir = "./output/toy/dino"
-train.checkpointer.update(period=400, max_to_keep=2)
-train.eval_period = 1200
+train.checkpointer.update(period=120, max_to_keep=2)
+train.eval_period = 240
 train.log_period = 20

@@ -381,6 +381,29 @@ def test_encoder_checkpointing_matches_plain_and_recomputes():
     assert total_b == [2, 2, 1]
 
 
+def _bytes_saved_for_backward(encoder, sequence, pos):
+    """Bytes of the tensors autograd keeps for the backward pass of one training forward."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    tokens = sequence.tokens.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        encoder.train()(sequence.with_tokens(tokens), pos)
+    return sum(saved)
+
+
+def test_encoder_checkpointing_lowers_activation_memory():
+    sequence, _ = _sequence(padded=[(4, 4), (2, 3)])
+    pos = torch.randn(sequence.tokens.shape, generator=torch.Generator().manual_seed(3))
+    held = [_bytes_saved_for_backward(_encoder(n), sequence, pos) for n in (0, 2, 3)]
+    # each checkpointed layer keeps only its inputs instead of all its activations
+    assert held[0] > held[1] > held[2]
+    assert held[2] < 0.25 * held[0]
+
+
 def test_encoder_checkpointing_only_in_training():
     sequence, _ = _sequence()
     encoder = _encoder(3).eval()
