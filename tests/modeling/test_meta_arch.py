@@ -90,6 +90,17 @@ def test_eval_module_selects_the_head(parts, eval_module, expected):
     assert (len(output["instances"]) == 1) == (expected is not None)
 
 
+def test_eval_module_can_change_on_a_built_model(parts):
+    heads = [FakeAuxHead("one-stage"), FakeAuxHead("two-stage")]
+    model = CoDETR(**parts, aux_heads=heads).eval()
+    model.eval_module = "two-stage"
+    model(synthetic_batch([(64, 64)], [[]], [[]]))
+    assert [h.inference_calls for h in heads] == [0, 1]
+    with pytest.raises(ValueError, match="eval_module"):
+        model.eval_module = "three-stage"
+    assert model.eval_module == "two-stage"
+
+
 @pytest.mark.parametrize(
     "eval_module", ["three-stage", "two-stage:1", "one-stage:2", "detr:0", "", "DETR"]
 )

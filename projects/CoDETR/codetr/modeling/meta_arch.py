@@ -78,7 +78,6 @@ class CoDETR(nn.Module):
                 f"positive_queries has {positive_queries.num_heads} heads but "
                 f"there are {len(aux_heads)} auxiliary heads"
             )
-        self._eval_head_index = self._parse_eval_module(eval_module)
         self.eval_module = eval_module
         # the auxiliary heads see the encoder memory as maps plus one downsampled level
         neck_shapes = list(neck.output_shape().values())
@@ -93,6 +92,16 @@ class CoDETR(nn.Module):
             if self.aux_heads
             else None
         )
+
+    @property
+    def eval_module(self) -> str:
+        """Which head produces the test output; can be changed on a built model."""
+        return self._eval_module
+
+    @eval_module.setter
+    def eval_module(self, value: str) -> None:
+        self._eval_head_index = self._parse_eval_module(value)
+        self._eval_module = value
 
     def _parse_eval_module(self, eval_module: str) -> Optional[int]:
         """None for "detr", else the index in ``aux_heads`` of the requested head."""
