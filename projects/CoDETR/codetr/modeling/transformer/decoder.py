@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from codetr.layers import MLP, MultiScaleDeformableAttention, box_sine_embedding, inverse_sigmoid
 
-from .feed_forward import FeedForward
+from .feed_forward import FeedForward, dropout_or_identity
 from .multi_level import MultiLevelSequence
 
 __all__ = ["DeformableDecoderLayer", "DeformableDecoder"]
@@ -39,12 +39,12 @@ class DeformableDecoderLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(
             embed_dim, num_heads, dropout=dropout, batch_first=True
         )
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = dropout_or_identity(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
         self.cross_attn = MultiScaleDeformableAttention(
             embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = dropout_or_identity(dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
         self.ffn = FeedForward(embed_dim=embed_dim, hidden_dim=ffn_dim, dropout=dropout)
         self.norm3 = nn.LayerNorm(embed_dim)

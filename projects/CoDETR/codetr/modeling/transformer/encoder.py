@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from codetr.layers import MultiScaleDeformableAttention
 
-from .feed_forward import FeedForward
+from .feed_forward import FeedForward, dropout_or_identity
 from .multi_level import MultiLevelSequence, encoder_reference_points
 
 __all__ = ["DeformableEncoderLayer", "DeformableEncoder"]
@@ -33,7 +33,7 @@ class DeformableEncoderLayer(nn.Module):
         self.self_attn = MultiScaleDeformableAttention(
             embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_or_identity(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
         self.ffn = FeedForward(embed_dim=embed_dim, hidden_dim=ffn_dim, dropout=dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
