@@ -22,6 +22,8 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
+from .renaming import rename_state_dict
+
 __all__ = ["torchvision_resnet_key", "is_torchvision_resnet_state_dict", "convert_torchvision_resnet"]
 
 _BLOCK = r"layer(?P<stage>[1-4])\.(?P<block>\d+)\."
@@ -60,8 +62,7 @@ def convert_torchvision_resnet(
 ) -> Dict[str, Tensor]:
     """
     Renames a plain torchvision ResNet state dict (e.g. ``torchvision.models.resnet50``'s
-    ImageNet weights) for our backbone, e.g. as ``train.init_checkpoint`` after saving it as
-    ``{"model": converted}``.
+    ImageNet weights) for our backbone (``train.init_checkpoint`` does it when loading).
 
     Args:
         state_dict: torchvision ResNet parameters and buffers, unprefixed.
@@ -71,15 +72,10 @@ def convert_torchvision_resnet(
     Raises:
         ValueError: naming the keys that are not torchvision ResNet names.
     """
-    converted, unknown = {}, []
-    for key, value in state_dict.items():
-        if key.startswith("fc.") or key.endswith(".num_batches_tracked"):
-            continue
-        new_key = torchvision_resnet_key(key)
-        if new_key is None:
-            unknown.append(key)
-        else:
-            converted[prefix + new_key] = value
-    if unknown:
-        raise ValueError(f"Not torchvision ResNet parameter names: {sorted(unknown)}")
-    return converted
+    return rename_state_dict(
+        state_dict,
+        torchvision_resnet_key,
+        prefix=prefix,
+        skip=lambda key: key.startswith("fc.") or key.endswith(".num_batches_tracked"),
+        naming="torchvision ResNet",
+    )

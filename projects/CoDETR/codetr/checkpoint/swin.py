@@ -31,6 +31,8 @@ from typing import Dict, Optional
 
 from torch import Tensor
 
+from .renaming import rename_state_dict
+
 __all__ = ["swin_key", "is_official_swin_state_dict", "convert_official_swin"]
 
 _BLOCK = r"layers\.\d+\.blocks\.\d+\."
@@ -67,8 +69,8 @@ def convert_official_swin(
 ) -> Dict[str, Tensor]:
     """
     Renames an official Swin ImageNet checkpoint (the ``model`` entry of e.g.
-    ``swin_large_patch4_window12_384_22k.pth``) for our backbone, e.g. as
-    ``train.init_checkpoint`` after saving it as ``{"model": converted}``.
+    ``swin_large_patch4_window12_384_22k.pth``) for our backbone (``train.init_checkpoint``
+    does it when loading).
 
     Args:
         state_dict: the official Swin parameters and buffers, unprefixed.
@@ -79,15 +81,10 @@ def convert_official_swin(
     Raises:
         ValueError: naming the keys that are not Swin-V1 names.
     """
-    converted, unknown = {}, []
-    for key, value in state_dict.items():
-        if _CLASSIFIER_NAMES.fullmatch(key):
-            continue
-        new_key = swin_key(key)
-        if new_key is None:
-            unknown.append(key)
-        else:
-            converted[prefix + new_key] = value
-    if unknown:
-        raise ValueError(f"Not Swin-V1 parameter names: {sorted(unknown)}")
-    return converted
+    return rename_state_dict(
+        state_dict,
+        swin_key,
+        prefix=prefix,
+        skip=_CLASSIFIER_NAMES.fullmatch,
+        naming="Swin-V1",
+    )
