@@ -51,7 +51,7 @@ _AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 def default_device() -> str:
     """
-    The device to train on when the config does not name one: ``"cuda"`` when a GPU is
+    The device to train on when the config does not name one: CUDA when a GPU is
     visible, else ``"cpu"``. Configs call it lazily (``L(default_device)()``) so that the
     choice is made on the machine that runs the config, not on the one that wrote it.
     """
@@ -299,7 +299,8 @@ class LazyConfigTrainer(DefaultTrainer):
             return SimpleTrainer(model, data_loader, optimizer)
         name = amp.precision
         if name == "auto":
-            name = "float16" if train_device(cfg).type == "cuda" else "bfloat16"
+            device = train_device(cfg)
+            name = "float16" if device.type == "cuda" else "bfloat16"
         if name not in _AMP_PRECISIONS:
             raise ValueError(
                 f"cfg.train.amp.precision must be 'auto', 'float16' or 'bfloat16', got {name!r}"
