@@ -2,6 +2,7 @@
 Shared by the parity and checkpoint tests: the stored outputs of the authors' implementation
 (``shared/reference/official_parity``) and the tiny Co-DINO model they were computed with.
 """
+
 import os
 from typing import Dict, List
 

@@ -3,16 +3,19 @@ Helpers shared by the parity tests: the tolerance check, the comparison of detec
 authors' per-class format, and the tiny Co-Deformable-DETR's reference files (the tiny
 Co-DINO's are in ``__init__.py``).
 """
+
 import os
 from typing import Dict, List
 
 import torch
-from detectron2.config import LazyConfig
+from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Instances
 from omegaconf import DictConfig
 from torch import Tensor
 
-from . import PARITY_DIR, REPO_ROOT
+from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
+
+from . import PARITY_DIR, REPO_ROOT, reference_inputs
 
 __all__ = [
     "RELATIVE_TOLERANCE",
@@ -89,3 +92,57 @@ class DetectionsMixin:
                     theirs = theirs[theirs[:, 4].argsort(descending=True, stable=True)]
                     assert_close(mine[:, :4], theirs[:, :4], f"{name} boxes")
                     assert_close(mine[:, 4], theirs[:, 4], f"{name} scores")
+
+
+def load_converted_model(config: DictConfig, checkpoint: str, with_aux_heads: bool):
+    """The model of ``config`` with the authors' ``checkpoint`` converted into it (strict)."""
+    model = instantiate(config).eval()
+    converted, report = convert_official_state_dict(
+        load_official_checkpoint(checkpoint), model, keep_aux=with_aux_heads
+    )
+    assert report.ok, report.summary()
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+class AuxiliaryParityMixin(DetectionsMixin):
+    """
+    The auxiliary heads' input maps and their test outputs (what eval_module "one-stage" /
+    "two-stage" return). A test case sets ``load_model`` (with auxiliary heads),
+    ``load_reference`` and ``aux_levels`` (the expected level names).
+    """
+
+    load_model = None
+    load_reference = None
+    aux_levels: List[str] = []
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = cls.load_model()
+        cls.reference = cls.load_reference()
+        with torch.no_grad():
+            cls.images = cls.model.preprocess_image(reference_inputs(cls.reference))
+            features = cls.model.neck(cls.model.backbone(cls.images.tensor))
+            memory = cls.model.query_head.encode(features, cls.model.padding_mask(cls.images))
+            cls.aux_features = cls.model.auxiliary_features(memory)
+
+    def _head(self, kind: str):
+        (head,) = [h for h in self.model.aux_heads if h.kind == kind]
+        return head
+
+    def test_auxiliary_feature_maps(self):
+        expected = self.reference["query_head"]["encoder_maps"]
+        self.assertEqual(list(self.aux_features), self.aux_levels)
+        self.assertEqual(len(expected), len(self.aux_levels))
+        for level, (ours, theirs) in enumerate(zip(self.aux_features.values(), expected)):
+            assert_close(ours, theirs, f"auxiliary level {level}")
+
+    def test_one_stage_detections(self):
+        with torch.no_grad():
+            results = self._head("one-stage").inference(self.aux_features, self.images)
+        self.assert_same_detections(results, self.reference["one-stage"], "one-stage")
+
+    def test_two_stage_detections(self):
+        with torch.no_grad():
+            results = self._head("two-stage").inference(self.aux_features, self.images)
+        self.assert_same_detections(results, self.reference["two-stage"], "two-stage")

@@ -4,12 +4,11 @@ checkpoint, converted with our converter, must reproduce their stored outputs on
 stored images (RGB, normalised, zero-padded at the bottom / right, no resize) to 1e-4
 relative.
 """
+
 import unittest
 
 import torch
-from detectron2.config import instantiate
 
-from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
 
 from . import (
     TINY_CO_DINO_CHECKPOINT,
@@ -17,17 +16,14 @@ from . import (
     reference_inputs,
     tiny_co_dino_config,
 )
-from .common import DetectionsMixin, assert_close
+from .common import AuxiliaryParityMixin, DetectionsMixin, assert_close
+from .common import load_converted_model as common_load_converted_model
 
 
 def load_converted_model(with_aux_heads: bool):
-    model = instantiate(tiny_co_dino_config(with_aux_heads)).eval()
-    converted, report = convert_official_state_dict(
-        load_official_checkpoint(TINY_CO_DINO_CHECKPOINT), model, keep_aux=with_aux_heads
+    return common_load_converted_model(
+        tiny_co_dino_config(with_aux_heads), TINY_CO_DINO_CHECKPOINT, with_aux_heads
     )
-    assert report.ok, report.summary()
-    model.load_state_dict(converted, strict=True)
-    return model
 
 
 class TestTinyCoDINOParity(DetectionsMixin, unittest.TestCase):
@@ -82,36 +78,9 @@ class TestTinyCoDINOParity(DetectionsMixin, unittest.TestCase):
         self.assert_same_detections(results, self.reference["detr"], "detr")
 
 
-class TestTinyCoDINOAuxiliaryParity(DetectionsMixin, unittest.TestCase):
-    """The auxiliary heads' input maps and their test outputs (what eval_module "one-stage" /
-    "two-stage" return)."""
+class TestTinyCoDINOAuxiliaryParity(AuxiliaryParityMixin, unittest.TestCase):
+    """The auxiliary heads' input maps and their test outputs."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.model = load_converted_model(with_aux_heads=True)
-        cls.reference = load_reference_outputs()
-        with torch.no_grad():
-            cls.images = cls.model.preprocess_image(reference_inputs(cls.reference))
-            features = cls.model.neck(cls.model.backbone(cls.images.tensor))
-            memory = cls.model.query_head.encode(features, cls.model.padding_mask(cls.images))
-            cls.aux_features = cls.model.auxiliary_features(memory)
-
-    def _head(self, kind: str):
-        (head,) = [h for h in self.model.aux_heads if h.kind == kind]
-        return head
-
-    def test_auxiliary_feature_maps(self):
-        expected = self.reference["query_head"]["encoder_maps"]
-        self.assertEqual(list(self.aux_features), [f"p{i}" for i in range(2, 8)])
-        for level, (ours, theirs) in enumerate(zip(self.aux_features.values(), expected)):
-            assert_close(ours, theirs, f"auxiliary level {level}")
-
-    def test_one_stage_detections(self):
-        with torch.no_grad():
-            results = self._head("one-stage").inference(self.aux_features, self.images)
-        self.assert_same_detections(results, self.reference["one-stage"], "one-stage")
-
-    def test_two_stage_detections(self):
-        with torch.no_grad():
-            results = self._head("two-stage").inference(self.aux_features, self.images)
-        self.assert_same_detections(results, self.reference["two-stage"], "two-stage")
+    load_model = staticmethod(lambda: load_converted_model(with_aux_heads=True))
+    load_reference = staticmethod(load_reference_outputs)
+    aux_levels = [f"p{i}" for i in range(2, 8)]
