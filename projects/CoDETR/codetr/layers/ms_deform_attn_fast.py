@@ -14,6 +14,11 @@ grid_sample's own rounding), computed without per-level sampled tensors or conca
   outside a map read zeros without any test; with few points (decoder), the corners index the
   values themselves, clamped into the maps, and corners outside get zero weight. Points are
   processed in chunks of ``_POINTS_PER_CHUNK`` so that intermediates stay small.
+* Layout: the per-point arithmetic keeps coordinates and corners in planar tensors
+  (R, H, 2 or 4, L * P) rather than the interleaved (R, H, L, P, 2) of the inputs, and the
+  per-level tables are repeated over the points, so that every elementwise op runs over rows of
+  L * P contiguous points. Broadcasting over trailing dimensions of 2 or 4 made PyTorch's CPU
+  kernels iterate in runs of 2 and cost more than the gather itself.
 * Backward (analytic, no autograd graph of the forward): the dot products of the output
   gradient with the values at every corner give the attention-weight and sampling-location
   gradients; the value gradient is the transposed gather: sampling points are sorted by their
@@ -115,51 +120,57 @@ def _check_inputs(
 class _LevelTables:
     """
     Where the level maps lie in the value table (B * S * H, Dh) of rows (image, pixel, head)
-    and in the zero-padded table of :func:`_pad_value_maps`, as small tensors shared by all
-    chunks of sampling points.
+    and in the zero-padded table of :func:`_pad_value_maps`, as small tensors indexed by the
+    L * P sampling points of a head (level-major), shared by all chunks of sampling points.
     """
 
     def __init__(
         self,
         level_shapes: Sequence[Tuple[int, int]],
+        num_points: int,
         batch_size: int,
         num_heads: int,
         device: torch.device,
         dtype: torch.dtype,
     ):
         sizes = torch.tensor(level_shapes, device=device)
-        num_levels = sizes.shape[0]
-        # (L, 1, 2) map sizes as (w, h)
-        self.extents = sizes.flip(-1).to(dtype).view(num_levels, 1, 2)
+        heights, widths = sizes[:, 0], sizes[:, 1]
         self.padded_size = _padded_size(level_shapes)
         num_values = sum(h * w for h, w in level_shapes)
         num_rows = batch_size * max(self.padded_size, num_values) * num_heads
         self.index_dtype = torch.int32 if num_rows < 2**31 else torch.int64
-        heights, widths = sizes[:, :1], sizes[:, 1:]
-        heads = torch.arange(num_heads, device=device).view(num_heads, 1, 1)
+        heads = torch.arange(num_heads, device=device).view(num_heads, 1)
         self.num_heads = num_heads
 
-        # value table: (H, L, 1) row of pixel (0, 0) of every head and level of image 0
+        def per_point(level_values: Tensor) -> Tensor:
+            """(L,) or (K, L) -> (L * P,) or (K, L * P): the value of each point's level."""
+            return level_values.repeat_interleave(num_points, dim=-1)
+
+        # (2, L * P) map sizes (w; h), the same as floats, and the last column; row
+        self.extents = per_point(torch.stack([widths, heights])).to(dtype)
+        self.half_extents = self.extents / 2
+        self.lowest_pixels = torch.full_like(self.extents, -1.0)
+        self.last_pixels = per_point(torch.stack([widths, heights]) - 1).to(self.index_dtype)
+
+        # value table: (H, L * P) row of pixel (0, 0) of every head and point of image 0
         level_sizes = heights * widths
-        starts = level_sizes.cumsum(0) - level_sizes
+        starts = per_point(level_sizes.cumsum(0) - level_sizes)
         self.value_origins = (starts * num_heads + heads).to(self.index_dtype)
         self.value_image_rows = num_values * num_heads
-        # (L, 1, 1) rows between vertically adjacent pixels
-        self.value_row_steps = (widths * num_heads).to(self.index_dtype).view(num_levels, 1, 1)
-        # (L, 1, 2, 1) last column and row of every map
-        self.last_pixels = (sizes.flip(-1) - 1).to(self.index_dtype).view(num_levels, 1, 2, 1)
+        # (L * P,) rows between vertically adjacent pixels
+        self.value_row_steps = per_point(widths * num_heads).to(self.index_dtype)
 
-        # padded table: (H, L, 1) row of padded pixel (1, 1), i.e. map pixel (0, 0)
+        # padded table: (H, L * P) row of padded pixel (1, 1), i.e. map pixel (0, 0)
         padded_widths = widths + 3
         padded_level_sizes = (heights + 3) * padded_widths
         origins = padded_level_sizes.cumsum(0) - padded_level_sizes + padded_widths + 1
-        self.padded_origins = (origins * num_heads + heads).to(self.index_dtype)
+        self.padded_origins = (per_point(origins) * num_heads + heads).to(self.index_dtype)
         self.padded_image_rows = self.padded_size * num_heads
-        self.padded_widths = padded_widths.to(self.index_dtype)
-        corner_pixels = torch.cat([padded_widths * row + column for row, column in _CORNERS], 1)
-        # (L, 1, 4) row offsets of the four corners from the top-left one
-        self.corner_offsets = (corner_pixels * num_heads).to(self.index_dtype)
-        self.corner_offsets = self.corner_offsets.view(num_levels, 1, 4)
+        self.padded_widths = per_point(padded_widths).to(self.index_dtype)
+        # (4, L * P) row offsets of the four corners from the top-left one
+        self.corner_offsets = torch.stack(
+            [(self.padded_widths * row + column) * num_heads for row, column in _CORNERS]
+        ).to(self.index_dtype)
 
 
 def _padded_size(level_shapes: Sequence[Tuple[int, int]]) -> int:
@@ -187,82 +198,103 @@ def _pad_value_maps(value: Tensor, level_shapes: Sequence[Tuple[int, int]]) -> T
 
 
 def _pixel_coordinates(
-    sampling_locations: Tensor, extents: Tensor, with_outside_mask: bool
+    sampling_locations: Tensor, tables: _LevelTables, with_outside_mask: bool
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """
     Args:
-        sampling_locations: (..., L, P, 2) normalised locations (x, y).
-        extents: (L, 1, 2) map sizes (w, h).
+        sampling_locations: (R, H, L * P, 2) normalised locations (x, y).
 
     Returns:
-        integer_parts: (..., L, P, 2) pixel of the top-left corner (float), in [-1, size].
-        frac: (..., L, P, 2) position between the left / top and the right / bottom corners,
-            in [0, 1).
-        outside: (..., L, P, 2) bool, True where the coordinate is so far outside the map that
-            no corner is inside (it was clamped: no location gradient); None unless
+        integer_parts: (R, H, 2, L * P) pixel (x; y) of the top-left corner (float), in
+            [-1, size].
+        frac: (R, H, 2, L * P) position between the left / top and the right / bottom
+            corners, in [0, 1).
+        outside: (R, H, 2, L * P) bool, True where the coordinate is so far outside the map
+            that no corner is inside (it was clamped: no location gradient); None unless
             ``with_outside_mask``.
     """
     # grid_sample's arithmetic (align_corners=False): grid = 2 * location - 1, then
     # pixel = (grid + 1) * size / 2 - 0.5 with one rounding (a fused multiply-add), so that
     # corners are chosen exactly as in the reference; pixel centres are at integers
-    pixels = torch.add(sampling_locations.new_tensor(-1.0), sampling_locations, alpha=2).add_(1)
-    pixels = torch.addcmul(pixels.new_tensor(-0.5), pixels, extents / 2)
-    outside = ((pixels < -1) | (pixels > extents)) if with_outside_mask else None
-    pixels = torch.clamp_(pixels, min=torch.full_like(extents, -1.0), max=extents)
+    locations = sampling_locations.transpose(-1, -2)
+    pixels = locations.new_empty(locations.shape)
+    torch.add(locations.new_tensor(-1.0), locations, alpha=2, out=pixels).add_(1)
+    torch.addcmul(pixels.new_tensor(-0.5), pixels, tables.half_extents, out=pixels)
+    outside = ((pixels < -1) | (pixels > tables.extents)) if with_outside_mask else None
+    pixels = torch.clamp_(pixels, min=tables.lowest_pixels, max=tables.extents)
     # NaN locations keep a NaN fraction (so NaN outputs) but get a valid corner
     integer_parts = pixels.nan_to_num(0.0).floor_()
     return integer_parts, pixels.sub_(integer_parts), outside
 
 
-def _axis_weights(frac: Tensor) -> Tensor:
-    """(..., 2, 2) bilinear weights (1 - f, f) of the two corners along x and along y."""
-    return torch.stack([1 - frac, frac], dim=-1)
-
-
-def _corner_weights(axis_weights: Tensor, attention_weights: Tensor) -> Tensor:
+def _corner_weights(
+    frac: Tensor, attention_weights: Tensor, inside: Optional[Tensor] = None
+) -> Tensor:
     """
-    (..., 4) weights of the four corners: products of the weights along y and along x
-    ``axis_weights`` (..., 2, 2), times ``attention_weights`` (...).
+    (R, H, 4, L * P) weights of the four corners: bilinear weights from ``frac``
+    (R, H, 2, L * P) times ``attention_weights`` (R, H, L * P), and zero for the corners
+    outside the maps if ``inside`` (R, H, 2, 2, L * P) (axis, first / second corner) is given.
     """
-    row_weights = axis_weights[..., 1, :] * attention_weights[..., None]
-    return (row_weights[..., :, None] * axis_weights[..., 0, None, :]).flatten(-2)
+    frac_x, frac_y = frac[:, :, 0], frac[:, :, 1]
+    column_weights = [1 - frac_x, frac_x]
+    row_weights = [1 - frac_y, frac_y]
+    if inside is not None:
+        column_weights = [w * inside[:, :, 0, i] for i, w in enumerate(column_weights)]
+        row_weights = [w * inside[:, :, 1, i] for i, w in enumerate(row_weights)]
+    weights = frac.new_empty(frac.shape[0], frac.shape[1], 4, frac.shape[3])
+    for row, row_weight in enumerate(row_weights):
+        row_weight = row_weight * attention_weights
+        for column, column_weight in enumerate(column_weights):
+            torch.mul(row_weight, column_weight, out=weights[:, :, 2 * row + column])
+    return weights
 
 
 def _padded_top_left(integer_parts: Tensor, tables: _LevelTables, images: Tensor) -> Tensor:
     """
-    (R, H, L, P) padded-table row of the top-left corners, from the corner pixels
-    ``integer_parts`` (R, H, L, P, 2) of R (image, query) pairs of ``images`` (R,).
+    (R, H, L * P) padded-table row of the top-left corners, from the corner pixels
+    ``integer_parts`` (R, H, 2, L * P) of R (image, query) pairs of ``images`` (R,).
     """
     integer_parts = integer_parts.to(tables.index_dtype)
-    top_left = integer_parts[..., 1] * tables.padded_widths
-    top_left = top_left.add_(integer_parts[..., 0]).mul_(tables.num_heads)
-    origins = images.to(tables.index_dtype).mul_(tables.padded_image_rows).view(-1, 1, 1, 1)
-    return top_left.add_(origins + tables.padded_origins)
+    top_left = integer_parts[:, :, 1] * tables.padded_widths
+    top_left = top_left.add_(integer_parts[:, :, 0]).mul_(tables.num_heads)
+    origins = images.to(tables.index_dtype).mul_(tables.padded_image_rows).view(-1, 1, 1)
+    return top_left.add_(tables.padded_origins).add_(origins)
 
 
 def _clamped_corners(
     integer_parts: Tensor, tables: _LevelTables, images: Tensor
 ) -> Tuple[Tensor, Tensor]:
     """
-    Value-table rows (R, H, L, P, 4) of the four corners, clamped into the maps, from the
-    corner pixels ``integer_parts`` (R, H, L, P, 2) of R (image, query) pairs of ``images``
-    (R,), and (R, H, L, P, 2, 2) bool: whether the first / second corner along x / y lies in
+    Value-table rows (R, H, 4, L * P) of the four corners, clamped into the maps, from the
+    corner pixels ``integer_parts`` (R, H, 2, L * P) of R (image, query) pairs of ``images``
+    (R,), and (R, H, 2, 2, L * P) bool: whether the first / second corner along x / y lies in
     the map.
     """
     first = integer_parts.to(tables.index_dtype)
-    # (R, H, L, P, 2, 2): corners along x and along y
-    corners = torch.stack([first, first + 1], dim=-1)
-    clamped = torch.clamp(corners, min=torch.zeros_like(tables.last_pixels), max=tables.last_pixels)
-    origins = images.to(tables.index_dtype).mul_(tables.value_image_rows).view(-1, 1, 1, 1)
-    origins = (origins + tables.value_origins)[..., None]
-    rows = clamped[..., 1, :] * tables.value_row_steps + origins
-    indices = rows[..., :, None] + clamped[..., 0, None, :] * tables.num_heads
-    return indices.flatten(-2), clamped == corners
+    # (R, H, 2, 2, L * P): first and second corner along x and along y
+    corners = torch.stack([first, first + 1], dim=3)
+    last_pixels = tables.last_pixels[:, None]
+    clamped = torch.clamp(corners, min=torch.zeros_like(last_pixels), max=last_pixels)
+    origins = images.to(tables.index_dtype).mul_(tables.value_image_rows).view(-1, 1, 1)
+    origins = origins + tables.value_origins
+    indices = integer_parts.new_empty(
+        (first.shape[0], first.shape[1], 4, first.shape[3]), dtype=tables.index_dtype
+    )
+    for row in range(2):
+        row_starts = torch.addcmul(origins, clamped[:, :, 1, row], tables.value_row_steps)
+        for column in range(2):
+            torch.add(
+                row_starts,
+                clamped[:, :, 0, column],
+                alpha=tables.num_heads,
+                out=indices[:, :, 2 * row + column],
+            )
+    return indices, clamped == corners
 
 
 def _corner_validity(inside: Tensor) -> Tensor:
-    """(..., 2, 2) whether corner (row, column) is in the map, from ``inside`` (..., 2, 2)."""
-    return inside[..., 1, :, None] & inside[..., 0, None, :]
+    """(R, H, 4, L * P) whether each corner is in the map, from ``inside`` (R, H, 2, 2, L * P)."""
+    return (inside[:, :, 1, :, None] & inside[:, :, 0, None, :]).flatten(2, 3)
 
 
 def _gathers_from_padded_maps(value: Tensor, attention_weights: Tensor) -> bool:
@@ -290,30 +322,30 @@ class _GatherDeformableAttention(torch.autograd.Function):
     ) -> Tensor:
         batch_size, _, num_heads, head_dim = value.shape
         _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-        tables = _LevelTables(level_shapes, batch_size, num_heads, value.device, value.dtype)
+        tables = _LevelTables(
+            level_shapes, num_points, batch_size, num_heads, value.device, value.dtype
+        )
         use_padding = _gathers_from_padded_maps(value, attention_weights)
         if use_padding:
             table = _pad_value_maps(value, level_shapes)
         else:
             table = value.reshape(-1, head_dim)
-        # (R, H, L, P, ...) with R = B * Q (image, query) pairs
-        locations = sampling_locations.reshape(-1, num_heads, num_levels, num_points, 2)
-        weights = attention_weights.reshape(-1, num_heads, num_levels, num_points)
+        # (R, H, L * P, ...) with R = B * Q (image, query) pairs
+        locations = sampling_locations.reshape(-1, num_heads, num_levels * num_points, 2)
+        weights = attention_weights.reshape(-1, num_heads, num_levels * num_points)
         images = torch.arange(locations.shape[0], device=value.device) // max(num_queries, 1)
         output = value.new_empty(locations.shape[0], num_heads, head_dim)
         for start, end in _chunks(locations.shape[0], num_heads * num_levels * num_points):
             integer_parts, frac, _ = _pixel_coordinates(
-                locations[start:end], tables.extents, with_outside_mask=False
+                locations[start:end], tables, with_outside_mask=False
             )
             if use_padding:
                 top_left = _padded_top_left(integer_parts, tables, images[start:end])
-                indices = top_left[..., None] + tables.corner_offsets
-                corner_weights = _corner_weights(_axis_weights(frac), weights[start:end])
+                indices = top_left[:, :, None] + tables.corner_offsets
+                corner_weights = _corner_weights(frac, weights[start:end])
             else:
                 indices, inside = _clamped_corners(integer_parts, tables, images[start:end])
-                corner_weights = _corner_weights(
-                    _axis_weights(frac).mul_(inside), weights[start:end]
-                )
+                corner_weights = _corner_weights(frac, weights[start:end], inside)
             bags = (end - start) * num_heads
             output[start:end] = F.embedding_bag(
                 indices.view(bags, -1),
@@ -333,15 +365,17 @@ class _GatherDeformableAttention(torch.autograd.Function):
         value, sampling_locations, attention_weights = ctx.saved_tensors
         needs_value, _, needs_locations, needs_weights = ctx.needs_input_grad
         batch_size, num_queries, num_heads, num_levels, num_points, _ = sampling_locations.shape
-        tables = _LevelTables(ctx.level_shapes, batch_size, num_heads, value.device, value.dtype)
+        tables = _LevelTables(
+            ctx.level_shapes, num_points, batch_size, num_heads, value.device, value.dtype
+        )
         use_padding = _gathers_from_padded_maps(value, attention_weights)
         if use_padding:
             table = _pad_value_maps(value, ctx.level_shapes)
         else:
             table = value.reshape(-1, value.shape[-1])
-        locations = sampling_locations.reshape(-1, num_heads, num_levels, num_points, 2)
-        weights = attention_weights.reshape(-1, num_heads, num_levels, num_points)
-        num_pairs = locations.shape[0]
+        locations = sampling_locations.reshape(-1, num_heads, num_levels * num_points, 2)
+        weights = attention_weights.reshape(-1, num_heads, num_levels * num_points)
+        num_pairs, _, points_per_head = weights.shape
         images = torch.arange(num_pairs, device=locations.device) // max(num_queries, 1)
         # (R * H, Dh)
         grad_output = grad_output.reshape(-1, value.shape[-1]).contiguous()
@@ -351,24 +385,25 @@ class _GatherDeformableAttention(torch.autograd.Function):
         # fractions, with clamped corners the corners and their weights
         if needs_value and use_padding:
             top_lefts = locations.new_empty(weights.shape, dtype=tables.index_dtype)
-            fracs = torch.empty_like(locations)
+            fracs = locations.new_empty(num_pairs, num_heads, 2, points_per_head)
         elif needs_value:
-            all_corners = locations.new_empty((*weights.shape, 4), dtype=tables.index_dtype)
-            all_corner_weights = locations.new_empty((*weights.shape, 4))
+            corners_shape = (num_pairs, num_heads, 4, points_per_head)
+            all_corners = locations.new_empty(corners_shape, dtype=tables.index_dtype)
+            all_corner_weights = locations.new_empty(corners_shape)
         chunks = _chunks(num_pairs, num_heads * num_levels * num_points)
         dots = _CornerDots(
             table,
-            corners_per_bag=num_levels * num_points * 4,
+            corners_per_bag=4 * points_per_head,
             max_bags=max(((end - start) * num_heads for start, end in chunks), default=0),
             index_dtype=tables.index_dtype,
         )
         for start, end in chunks:
             integer_parts, frac, outside = _pixel_coordinates(
-                locations[start:end], tables.extents, needs_locations
+                locations[start:end], tables, needs_locations
             )
             if use_padding:
                 top_left = _padded_top_left(integer_parts, tables, images[start:end])
-                indices = top_left[..., None] + tables.corner_offsets
+                indices = top_left[:, :, None] + tables.corner_offsets
                 if needs_value:
                     top_lefts[start:end] = top_left
                     fracs[start:end] = frac
@@ -377,7 +412,7 @@ class _GatherDeformableAttention(torch.autograd.Function):
                 if needs_value:
                     all_corners[start:end] = indices
                     all_corner_weights[start:end] = _corner_weights(
-                        _axis_weights(frac).mul_(inside), weights[start:end]
+                        frac, weights[start:end], inside
                     )
             if grad_weights is None:
                 continue
@@ -438,11 +473,11 @@ class _CornerDots:
     def __call__(self, corner_indices: Tensor, grad_output: Tensor) -> Tensor:
         """
         Args:
-            corner_indices: (R, H, L, P, 4) table rows of the corners of R * H bags.
+            corner_indices: (R, H, 4, L * P) table rows of the corners of R * H bags.
             grad_output: (R * H, Dh) output gradient of every bag.
 
         Returns:
-            (R, H, L, P, 2, 2) dot products.
+            (R, H, 4, L * P) dot products.
         """
         num_bags = grad_output.shape[0]
         dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
@@ -454,7 +489,7 @@ class _CornerDots:
             0,  # mode "sum"
             -1,  # no padding index
         )
-        return dots.view(*corner_indices.shape[:-1], 2, 2)
+        return dots.view(corner_indices.shape)
 
 
 def _location_and_weight_grads(
@@ -467,21 +502,23 @@ def _location_and_weight_grads(
     grad_locations: Optional[Tensor],
 ) -> None:
     """
-    Writes the gradients of the attention weights (R, H, L, P) and, unless None, of the
-    sampling locations (R, H, L, P, 2) of a chunk, given its corner dot products
-    (R, H, L, P, 2, 2).
+    Writes the gradients of the attention weights (R, H, L * P) and, unless None, of the
+    sampling locations (R, H, L * P, 2) of a chunk, given its corner dot products
+    (R, H, 4, L * P), fractions and ``outside`` mask (R, H, 2, L * P) and map sizes
+    ``extents`` (2, L * P).
     """
-    frac_x, frac_y = frac[..., 0], frac[..., 1]
-    top = torch.lerp(dots[..., 0, 0], dots[..., 0, 1], frac_x)
-    bottom = torch.lerp(dots[..., 1, 0], dots[..., 1, 1], frac_x)
+    frac_x, frac_y = frac[:, :, 0], frac[:, :, 1]
+    top = torch.lerp(dots[:, :, 0], dots[:, :, 1], frac_x)
+    bottom = torch.lerp(dots[:, :, 2], dots[:, :, 3], frac_x)
     torch.lerp(top, bottom, frac_y, out=grad_weights)
     if grad_locations is None:
         return
     # derivatives of the sample with respect to the pixel coordinates, times the attention
     # weight and d(pixel) / d(location) = map size; zero where the coordinate was clamped
-    d_dx = torch.lerp(dots[..., 0, 1] - dots[..., 0, 0], dots[..., 1, 1] - dots[..., 1, 0], frac_y)
-    torch.mul(torch.stack([d_dx, bottom.sub_(top)], dim=-1), extents, out=grad_locations)
-    grad_locations.mul_(attention_weights[..., None]).masked_fill_(outside, 0.0)
+    d_dx = torch.lerp(dots[:, :, 1] - dots[:, :, 0], dots[:, :, 3] - dots[:, :, 2], frac_y)
+    planar = torch.stack([d_dx, bottom.sub_(top)], dim=2).mul_(extents)
+    planar.mul_(attention_weights[:, :, None]).masked_fill_(outside, 0.0)
+    grad_locations.copy_(planar.transpose(-1, -2))
 
 
 def _value_grad_from_top_left(
@@ -493,8 +530,8 @@ def _value_grad_from_top_left(
     level_shapes: Sequence[Tuple[int, int]],
 ) -> Tensor:
     """
-    (B, S, H, Dh) value gradient, from the top-left corner rows (R, H, L, P), fractions
-    (R, H, L, P, 2) and attention weights (R, H, L, P) of all sampling points and the output
+    (B, S, H, Dh) value gradient, from the top-left corner rows (R, H, L * P), fractions
+    (R, H, 2, L * P) and attention weights (R, H, L * P) of all sampling points and the output
     gradient (R * H, Dh). Points are sorted by their top-left corner; for each corner position
     one ``embedding_bag`` sums the weighted output gradients of the points of every padded
     pixel, and the four sums are added with the corner's offset.
@@ -502,16 +539,17 @@ def _value_grad_from_top_left(
     batch_size, _, num_heads, head_dim = value_shape
     padded_size = _padded_size(level_shapes)
     top_left = top_left.reshape(-1)
-    points_per_bag = attention_weights.shape[2] * attention_weights.shape[3]
+    points_per_bag = attention_weights.shape[2]
     order = torch.argsort(top_left, stable=True)
     counts = torch.bincount(top_left, minlength=batch_size * padded_size * num_heads)
     pixel_offsets = counts.cumsum(0).sub_(counts)
     point_bags = torch.div(order, points_per_bag, rounding_mode="floor")
-    frac = frac.view(-1, 2).index_select(0, order)
+    frac_x = frac[:, :, 0].reshape(-1).index_select(0, order)
+    frac_y = frac[:, :, 1].reshape(-1).index_select(0, order)
     weights = attention_weights.reshape(-1).index_select(0, order)
-    bottom = weights * frac[:, 1]
+    bottom = weights * frac_y
     top = weights.sub_(bottom)
-    top_right, bottom_right = top * frac[:, 0], bottom * frac[:, 0]
+    top_right, bottom_right = top * frac_x, bottom * frac_x
     corner_weights = (top - top_right, top_right, bottom - bottom_right, bottom_right)
     # (B, Sp, H * Dh): gradient of the padded value maps
     grad_padded = None
@@ -548,11 +586,11 @@ def _value_grad_from_corners(
     corners: Tensor, corner_weights: Tensor, grad_output: Tensor, value_shape: torch.Size
 ) -> Tensor:
     """
-    (B, S, H, Dh) value gradient from the value-table rows (R, H, L, P, 4) of all corners,
-    their weights (R, H, L, P, 4) and the output gradient (R * H, Dh): corners sorted by row,
+    (B, S, H, Dh) value gradient from the value-table rows (R, H, 4, L * P) of all corners,
+    their weights (R, H, 4, L * P) and the output gradient (R * H, Dh): corners sorted by row,
     one ``embedding_bag`` sums the weighted output gradients reaching every row.
     """
-    corners_per_bag = corners.shape[2] * corners.shape[3] * 4
+    corners_per_bag = corners.shape[2] * corners.shape[3]
     rows = corners.reshape(-1)
     order = torch.argsort(rows, stable=True)
     touched_rows, counts = torch.unique_consecutive(rows[order], return_counts=True)
