@@ -26,7 +26,7 @@ from detectron2.utils.visualizer import Visualizer
 from omegaconf import DictConfig
 
 import codetr.data  # noqa: F401  (registers the project's datasets and their metadata)
-from codetr.engine import LazyPredictor, flush_denormals, load_lazy_config
+from codetr.engine import LazyPredictor, flush_denormals, load_lazy_config, reuse_freed_memory
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -95,15 +95,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     metadata = MetadataCatalog.get(metadata_dataset_name(cfg))
 
     os.makedirs(args.output, exist_ok=True)
-    for path in paths:
-        image = read_image(path, format="BGR")
-        instances = predictor(image).to("cpu")
-        instances = instances[instances.scores >= args.confidence_threshold]
-        visualizer = Visualizer(image[:, :, ::-1], metadata)
-        drawn = visualizer.draw_instance_predictions(instances).get_image()
-        out_path = os.path.join(args.output, os.path.basename(path))
-        cv2.imwrite(out_path, drawn[:, :, ::-1])
-        logger.info(f"{path}: {len(instances)} detections -> {out_path}")
+    with reuse_freed_memory():
+        for path in paths:
+            draw_predictions(predictor, metadata, path, args)
+
+
+def draw_predictions(predictor: LazyPredictor, metadata, path: str, args) -> None:
+    """Predicts the image at ``path`` and writes the drawing into ``args.output``."""
+    image = read_image(path, format="BGR")
+    instances = predictor(image).to("cpu")
+    instances = instances[instances.scores >= args.confidence_threshold]
+    visualizer = Visualizer(image[:, :, ::-1], metadata)
+    drawn = visualizer.draw_instance_predictions(instances).get_image()
+    out_path = os.path.join(args.output, os.path.basename(path))
+    cv2.imwrite(out_path, drawn[:, :, ::-1])
+    logger.info(f"{path}: {len(instances)} detections -> {out_path}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from codetr.engine import (
     LazyConfigTrainer,
     flush_denormals,
     load_lazy_config,
+    reuse_freed_memory,
 )
 
 
@@ -71,7 +72,8 @@ def main(args) -> Optional[Dict[str, Any]]:
         AtomicCheckpointer(model, cfg.train.output_dir).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )
-        return LazyConfigTrainer.test(cfg, model)
+        with reuse_freed_memory():
+            return LazyConfigTrainer.test(cfg, model)
 
     trainer = LazyConfigTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

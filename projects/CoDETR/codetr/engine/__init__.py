@@ -3,13 +3,13 @@ Training, evaluation and inference driven by LazyConfigs.
 """
 
 from .checkpointer import AtomicCheckpointer, atomic_write
+from .cpu_runtime import flush_denormals, reuse_freed_memory
 from .optimizer import add_gradient_clipping, lr_factor
 from .predictor import LazyPredictor
 from .trainer import (
     DeviceAMPTrainer,
     LazyConfigTrainer,
     default_device,
-    flush_denormals,
     load_lazy_config,
     train_device,
 )
@@ -25,5 +25,6 @@ __all__ = [
     "flush_denormals",
     "load_lazy_config",
     "lr_factor",
+    "reuse_freed_memory",
     "train_device",
 ]

@@ -38,7 +38,6 @@ from .optimizer import add_gradient_clipping
 __all__ = [
     "default_device",
     "train_device",
-    "flush_denormals",
     "load_lazy_config",
     "DeviceAMPTrainer",
     "LazyConfigTrainer",
@@ -417,13 +416,3 @@ class LazyConfigTrainer(DefaultTrainer):
         if comm.is_main_process():
             print_csv_format(results)
         return results
-
-
-def flush_denormals() -> None:
-    """
-    Treat denormal floats as zero on the CPU. As a model trains, more and more weights and
-    gradients become tiny; CPU arithmetic on denormal numbers is many times slower, and a
-    toy Co-DINO run slowed from 1.2 to over 3 s per iteration within 80 iterations without
-    this. Values below ~1e-38 are irrelevant to the model. Called by the entry points.
-    """
-    torch.set_flush_denormal(True)
