@@ -30,7 +30,7 @@ from detectron2.config import instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from codetr.engine import flush_denormals, load_lazy_config
+from codetr.engine import flush_denormals, load_lazy_config, reuse_freed_memory
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -154,9 +154,10 @@ def benchmark(args: argparse.Namespace) -> Dict:
                 model(inputs)
 
         phase: Dict = {}
-        with peak_memory(device, phase):
+        with reuse_freed_memory() as reusing, peak_memory(device, phase):
             phase.update(time_runs(infer, device, args.warmup, args.iters))
         phase["seconds_per_image"] = phase["median_s"] / args.batch_size
+        phase["reuse_freed_memory"] = reusing
         results["inference"] = phase
 
     if not args.no_train:
