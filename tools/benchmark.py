@@ -11,8 +11,9 @@ Images are random pixels and every image gets ``--boxes`` random ground-truth bo
 anywhere without data. Times are medians over ``--iters`` runs after ``--warmup`` runs, with
 the min and max. Peak memory is the largest resident set size of this process during a phase
 (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA). Inference runs under
-``torch.inference_mode`` with ``eval_module`` of the config; the training step includes the
-auxiliary heads of the config.
+``torch.inference_mode`` with ``eval_module`` of the config and inside
+``codetr.engine.reuse_freed_memory``, like ``demo.py`` and ``train_net.py --eval-only``; the
+training step includes the auxiliary heads of the config and runs with the default allocator.
 """
 
 import argparse
