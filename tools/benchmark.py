@@ -17,6 +17,7 @@ training step includes the auxiliary heads of the config and runs with the defau
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -106,6 +107,30 @@ def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, iters: 
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+def measure_phase(
+    fn: Callable[[], None], device: torch.device, warmup: int, iters: int, *, inference: bool
+) -> Dict:
+    """
+    :func:`time_runs` of ``fn`` with its peak memory. Inference phases run inside
+    ``reuse_freed_memory`` (and record whether it applied), training with the default allocator.
+    """
+    phase: Dict = {}
+    reuse = reuse_freed_memory() if inference else contextlib.nullcontext(None)
+    with reuse as reusing, peak_memory(device, phase):
+        phase.update(time_runs(fn, device, warmup, iters))
+    if inference:
+        phase["reuse_freed_memory"] = reusing
+    return phase
+
+
+def report(results: Dict, json_path: Optional[str]) -> None:
+    """Prints ``results`` as json, and writes them to ``json_path`` unless None."""
+    print(json.dumps(results, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def random_inputs(args, generator: torch.Generator) -> List[Dict]:
     """Random uint8 images with random boxes (inside the image, at least 8 px)."""
     inputs = []
@@ -154,11 +179,8 @@ def benchmark(args: argparse.Namespace) -> Dict:
             with torch.inference_mode():
                 model(inputs)
 
-        phase: Dict = {}
-        with reuse_freed_memory() as reusing, peak_memory(device, phase):
-            phase.update(time_runs(infer, device, args.warmup, args.iters))
+        phase = measure_phase(infer, device, args.warmup, args.iters, inference=True)
         phase["seconds_per_image"] = phase["median_s"] / args.batch_size
-        phase["reuse_freed_memory"] = reusing
         results["inference"] = phase
 
     if not args.no_train:
@@ -170,10 +192,9 @@ def benchmark(args: argparse.Namespace) -> Dict:
                 sum(losses.values()).backward()
             model.zero_grad(set_to_none=True)
 
-        phase = {}
-        with peak_memory(device, phase):
-            phase.update(time_runs(train_step, device, args.warmup, args.iters))
-        results["train_step"] = phase
+        results["train_step"] = measure_phase(
+            train_step, device, args.warmup, args.iters, inference=False
+        )
 
     if args.flops:
         from detectron2.utils.analysis import FlopCountAnalysis
@@ -188,11 +209,7 @@ def benchmark(args: argparse.Namespace) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    results = benchmark(args)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(benchmark(args), args.json)
     return 0
 
 

@@ -23,12 +23,11 @@ needs, all listed in the output under ``"substitutions"``:
   sampling calls it unconditionally.
 * images are given to the model normalised (mmdet normalises in the data pipeline).
 
-Times are medians after warm-up (``time_runs`` of ``tools/benchmark.py``), peak memory the
-process's resident set.
+Times are medians after warm-up and peak memory the process's resident set, measured as in
+``tools/benchmark.py`` (``measure_phase``).
 """
 
 import argparse
-import json
 import os
 import sys
 import types
@@ -38,8 +37,8 @@ import torch
 import torchvision
 
 # tools/benchmark.py, beside this file
-from benchmark import peak_memory, random_inputs, time_runs
-from codetr.engine import flush_denormals, reuse_freed_memory
+from benchmark import measure_phase, random_inputs, report
+from codetr.engine import flush_denormals
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -225,11 +224,7 @@ def benchmark(args: argparse.Namespace) -> Dict:
             with torch.no_grad():
                 model.simple_test(batch["img"], batch["img_metas"], rescale=True)
 
-        phase: Dict = {}
-        with reuse_freed_memory() as reusing, peak_memory(device, phase):
-            phase.update(time_runs(infer, device, args.warmup, args.iters))
-        phase["reuse_freed_memory"] = reusing
-        results["inference"] = phase
+        results["inference"] = measure_phase(infer, device, args.warmup, args.iters, inference=True)
     if not args.no_train:
         model.train()
 
@@ -239,20 +234,15 @@ def benchmark(args: argparse.Namespace) -> Dict:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-        phase = {}
-        with peak_memory(device, phase):
-            phase.update(time_runs(train_step, device, args.warmup, args.iters))
-        results["train_step"] = phase
+        results["train_step"] = measure_phase(
+            train_step, device, args.warmup, args.iters, inference=False
+        )
     return results
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    results = benchmark(args)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report(benchmark(args), args.json)
     return 0
 
 

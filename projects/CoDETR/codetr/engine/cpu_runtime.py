@@ -5,7 +5,6 @@ Process-wide settings that make PyTorch faster on a CPU, used by the entry point
 
 import contextlib
 import ctypes
-import logging
 import sys
 from typing import Iterator
 
@@ -13,7 +12,6 @@ import torch
 
 __all__ = ["flush_denormals", "reuse_freed_memory"]
 
-logger = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h) and their documented defaults
 _M_TRIM_THRESHOLD = -1
