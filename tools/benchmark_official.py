@@ -7,11 +7,12 @@ Time the authors' Co-DETR code (mmdet 2.x with mmcv 1.x) on the inputs of
         --config projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py \
         [--iters 3] [--warmup 1] [--no-train] [--no-inference] [--json OUT]
 
-``--codetr-root`` is a checkout of github.com/Sense-X/Co-DETR (its ``mmdet`` and ``projects``
-folders); ``--mmcv-root`` a source tree of mmcv 1.x (``git archive v1.7.2 mmcv`` of
-github.com/open-mmlab/mmcv); ``--config`` is relative to ``--codetr-root``. Both are imported
-from source, so they need mmcv's pure-Python requirements (``pip install addict "yapf<0.40"
-terminaltables``) but no compiled extension. The authors' model runs unchanged, on a
+``--codetr-root`` is a checkout of github.com/Sense-X/Co-DETR (its ``mmdet``, ``mmcv_custom`` and
+``projects`` folders); ``--mmcv-root`` a folder holding the ``mmcv`` package of mmcv 1.7.0, the
+newest its mmdet accepts (``git archive v1.7.0 mmcv`` of github.com/open-mmlab/mmcv);
+``--config`` is relative to ``--codetr-root``. Both are imported from source, so they need their
+pure-Python requirements (``pip install addict "yapf<0.40" terminaltables fairscale einops``)
+but no compiled extension. The authors' model runs unchanged, on a
 random-weight model (no pretrained backbone), except for what a CPU-only, extension-free run
 needs, all listed in the output under ``"substitutions"``:
 
