@@ -5,7 +5,8 @@ seconds (forward + backward), peak memory, parameters and FLOPs.
 
     python tools/benchmark.py --config-file configs/co_dino/co_dino_5scale_r50_1x_coco.py \
         [--device cpu|cuda] [--batch-size 1] [--height 800 --width 1333] [--iters 3] \
-        [--warmup 1] [--no-train] [--no-inference] [--flops] [--json OUT] [key=value ...]
+        [--warmup 1] [--amp auto|bfloat16|float16] [--no-train] [--no-inference] [--flops] \
+        [--json OUT] [key=value ...]
 
 Images are random pixels and every image gets ``--boxes`` random ground-truth boxes, so it runs
 anywhere without data. Times are medians over ``--iters`` runs after ``--warmup`` runs, with
@@ -14,6 +15,9 @@ the min and max. Peak memory is the largest resident set size of this process du
 ``torch.inference_mode`` with ``eval_module`` of the config and inside
 ``codetr.engine.reuse_freed_memory``, like ``demo.py`` and ``train_net.py --eval-only``; the
 training step includes the auxiliary heads of the config and runs with the default allocator.
+With ``--amp``, the forward passes run under ``torch.autocast`` in that precision ("auto":
+bfloat16 on CPU, float16 on CUDA, as ``train.amp.precision``), the backward outside it, as in
+the trainer.
 """
 
 import argparse
@@ -32,7 +36,7 @@ from detectron2.config import instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from codetr.engine import flush_denormals, load_lazy_config, reuse_freed_memory
+from codetr.engine import amp_precision, flush_denormals, load_lazy_config, reuse_freed_memory
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -47,6 +51,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=3, help="timed runs per phase")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per phase")
     parser.add_argument("--boxes", type=int, default=10, help="ground-truth boxes per image")
+    parser.add_argument(
+        "--amp",
+        choices=("auto", "bfloat16", "float16"),
+        help="run the forward passes under autocast in this precision",
+    )
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
     parser.add_argument("--no-inference", action="store_true", help="skip inference")
     parser.add_argument("--flops", action="store_true", help="count inference FLOPs (fvcore)")
@@ -157,11 +166,17 @@ def benchmark(args: argparse.Namespace) -> Dict:
     torch.manual_seed(args.seed)
     model = instantiate(cfg.model).to(device)
     inputs = random_inputs(args, torch.Generator().manual_seed(args.seed))
+    precision = amp_precision(args.amp, device) if args.amp else torch.float32
+
+    def autocast():
+        return torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
+
     results: Dict = {
         "config": args.config_file,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "batch_size": args.batch_size,
         "image_size": [args.height, args.width],
+        "precision": str(precision).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
@@ -176,7 +191,7 @@ def benchmark(args: argparse.Namespace) -> Dict:
         model.eval()
 
         def infer():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 model(inputs)
 
         phase = measure_phase(infer, device, args.warmup, args.iters, inference=True)
@@ -188,8 +203,9 @@ def benchmark(args: argparse.Namespace) -> Dict:
 
         def train_step():
             with EventStorage():
-                losses = model(inputs)
-                sum(losses.values()).backward()
+                with autocast():
+                    losses = sum(model(inputs).values())
+                losses.backward()
             model.zero_grad(set_to_none=True)
 
         results["train_step"] = measure_phase(

@@ -3,12 +3,13 @@
 Time the authors' Co-DETR code (mmdet 2.x with mmcv 1.x) on the inputs of
 ``tools/benchmark.py``, so that both implementations are measured on one machine in one run.
 
-    python tools/benchmark_official.py --codetr-root /path/to/Co-DETR --mmcv-root /path/to/mmcv \
+    python tools/benchmark_official.py --codetr-root /path/to/Co-DETR --mmcv-root /path/to/src \
         --config projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py \
         [--iters 3] [--warmup 1] [--no-train] [--no-inference] [--json OUT]
 
 ``--codetr-root`` is a checkout of github.com/Sense-X/Co-DETR (its ``mmdet``, ``mmcv_custom`` and
-``projects`` folders); ``--mmcv-root`` a folder holding the ``mmcv`` package of mmcv 1.7.0, the
+``projects`` folders); ``--mmcv-root`` the folder that holds the ``mmcv`` package (``src/mmcv``
+above) of mmcv 1.7.0, the
 newest its mmdet accepts (``git archive v1.7.0 mmcv`` of github.com/open-mmlab/mmcv);
 ``--config`` is relative to ``--codetr-root``. Both are imported from source, so they need their
 pure-Python requirements (``pip install addict "yapf<0.40" terminaltables fairscale einops``)
@@ -59,10 +60,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="also write the results as json")
     args = parser.parse_args(argv)
-    for name in ("codetr_root", "mmcv_root"):
+    expected = {"codetr_root": ("mmdet", "mmcv_custom", "projects"), "mmcv_root": ("mmcv",)}
+    for name, packages in expected.items():
         path = getattr(args, name)
         if not os.path.isdir(path):
             parser.error(f"--{name.replace('_', '-')} {path!r} is not a directory")
+        missing = [p for p in packages if not os.path.isfile(os.path.join(path, p, "__init__.py"))]
+        if missing:
+            hint = ""
+            if name == "mmcv_root" and os.path.isfile(os.path.join(path, "version.py")):
+                hint = ": it looks like the mmcv package itself, give its parent folder"
+            parser.error(
+                f"--{name.replace('_', '-')} {path!r} holds no package {', '.join(missing)}{hint}"
+            )
     config = os.path.join(args.codetr_root, args.config)
     if not os.path.isfile(config):
         parser.error(f"--config: no file {config!r}")

@@ -246,7 +246,7 @@ class TestLazyConfigTrainer(unittest.TestCase):
         self.assertFalse(trainer._trainer.grad_scaler.is_enabled())
         self.assertTrue(torch.isfinite(trainer.model.head.weight).all())
 
-        with self.assertRaisesRegex(ValueError, "precision"):
+        with self.assertRaisesRegex(ValueError, "cfg.train.amp.precision: .*got 'int8'"):
             LazyConfigTrainer(tiny_config(self.tmp, amp=dict(enabled=True, precision="int8")))
 
     def test_load_from_init_checkpoint(self):

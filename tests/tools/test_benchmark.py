@@ -2,6 +2,7 @@
 tools/benchmark_official.py gives the authors' code."""
 
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ class TestBenchmark(unittest.TestCase):
             with open(out) as f:
                 result = json.load(f)
         self.assertEqual(result["batch_size"], 2)
+        self.assertEqual(result["precision"], "float32")
         self.assertEqual(result["image_size"], [96, 128])
         self.assertGreater(result["parameters_m"], result["inference_parameters_m"])
         for phase in ("inference", "train_step"):
@@ -53,10 +55,79 @@ class TestBenchmark(unittest.TestCase):
         )
         self.assertGreater(result["inference_gflops_per_image"], 0)
 
+    def test_amp_runs_the_forward_passes_in_bfloat16(self):
+        benchmark = _load_tool("benchmark")
+        linear_output_dtypes = set()
+        instantiate = benchmark.instantiate
+
+        def instantiate_and_watch(cfg):
+            model = instantiate(cfg)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.register_forward_hook(
+                        lambda m, i, output: linear_output_dtypes.add(output.dtype)
+                    )
+            return model
+
+        args = ["--config-file", TINY_CO_DINO_CONFIG, "--device", "cpu", "--amp", "auto"]
+        args += ["--height", "64", "--width", "96", "--iters", "1", "--warmup", "0"]
+        with mock.patch.object(benchmark, "instantiate", instantiate_and_watch):
+            result = benchmark.benchmark(benchmark.parse_args(args))
+        self.assertEqual(result["precision"], "bfloat16")
+        self.assertEqual(linear_output_dtypes, {torch.bfloat16})
+        self.assertGreater(result["train_step"]["min_s"], 0)
+
     def test_rejects_zero_iterations(self):
         benchmark = _load_tool("benchmark")
         with self.assertRaises(SystemExit):
             benchmark.parse_args(["--config-file", TINY_CO_DINO_CONFIG, "--iters", "0"])
+
+
+class TestOfficialBenchmarkArguments(unittest.TestCase):
+    """The folders of the authors' code are checked before anything is imported from them."""
+
+    def setUp(self):
+        self.parse_args = _load_tool("benchmark_official").parse_args
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.codetr = os.path.join(tmp.name, "Co-DETR")
+        self.src = os.path.join(tmp.name, "src")
+        packages = [("Co-DETR", p) for p in ("mmdet", "mmcv_custom", "projects")]
+        for folder in packages + [("src", "mmcv")]:
+            os.makedirs(os.path.join(tmp.name, *folder))
+            open(os.path.join(tmp.name, *folder, "__init__.py"), "w").close()
+        open(os.path.join(self.src, "mmcv", "version.py"), "w").close()
+        open(os.path.join(self.codetr, "projects", "config.py"), "w").close()
+
+    def _argv(self, codetr_root: str, mmcv_root: str) -> list:
+        return [
+            "--codetr-root",
+            codetr_root,
+            "--mmcv-root",
+            mmcv_root,
+            "--config",
+            "projects/config.py",
+        ]
+
+    def _error(self, codetr_root: str, mmcv_root: str) -> str:
+        with mock.patch("sys.stderr", new_callable=io.StringIO) as stderr:
+            with self.assertRaises(SystemExit):
+                self.parse_args(self._argv(codetr_root, mmcv_root))
+        return stderr.getvalue()
+
+    def test_accepts_the_expected_layout(self):
+        args = self.parse_args(self._argv(self.codetr, self.src))
+        self.assertEqual(args.config, os.path.join(self.codetr, "projects", "config.py"))
+
+    def test_the_mmcv_package_itself_is_refused_with_a_hint(self):
+        message = self._error(self.codetr, os.path.join(self.src, "mmcv"))
+        self.assertIn("holds no package mmcv", message)
+        self.assertIn("give its parent folder", message)
+
+    def test_a_folder_without_the_authors_packages_is_refused(self):
+        message = self._error(self.src, self.src)
+        self.assertIn("--codetr-root", message)
+        self.assertIn("holds no package mmdet, mmcv_custom, projects", message)
 
 
 class TestCompiledOpStandIns(unittest.TestCase):

@@ -9,6 +9,7 @@ from .predictor import LazyPredictor
 from .trainer import (
     DeviceAMPTrainer,
     LazyConfigTrainer,
+    amp_precision,
     default_device,
     load_lazy_config,
     train_device,
@@ -20,6 +21,7 @@ __all__ = [
     "LazyConfigTrainer",
     "LazyPredictor",
     "add_gradient_clipping",
+    "amp_precision",
     "atomic_write",
     "default_device",
     "flush_denormals",

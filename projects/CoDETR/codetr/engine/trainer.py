@@ -36,6 +36,7 @@ from .checkpointer import AtomicCheckpointer
 from .optimizer import add_gradient_clipping
 
 __all__ = [
+    "amp_precision",
     "default_device",
     "train_device",
     "load_lazy_config",
@@ -46,6 +47,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_precision(name: str, device: torch.device) -> torch.dtype:
+    """
+    The autocast dtype named by ``name``, "float16", "bfloat16" or "auto" (float16 on CUDA,
+    bfloat16 on other devices, where float16 autocast is slow or missing).
+    """
+    if name == "auto":
+        name = "float16" if device.type == "cuda" else "bfloat16"
+    if name not in _AMP_PRECISIONS:
+        raise ValueError(f"AMP precision must be 'auto', 'float16' or 'bfloat16', got {name!r}")
+    return _AMP_PRECISIONS[name]
 
 
 def default_device() -> str:
@@ -296,19 +309,12 @@ class LazyConfigTrainer(DefaultTrainer):
         amp = cfg.train.amp
         if not amp.enabled:
             return SimpleTrainer(model, data_loader, optimizer)
-        name = amp.precision
-        if name == "auto":
-            device = train_device(cfg)
-            name = "float16" if device.type == "cuda" else "bfloat16"
-        if name not in _AMP_PRECISIONS:
-            raise ValueError(
-                f"cfg.train.amp.precision must be 'auto', 'float16' or 'bfloat16', got {name!r}"
-            )
+        try:
+            precision = amp_precision(amp.precision, train_device(cfg))
+        except ValueError as e:
+            raise ValueError(f"cfg.train.amp.precision: {e}") from None
         return DeviceAMPTrainer(
-            model=model,
-            data_loader=data_loader,
-            optimizer=optimizer,
-            precision=_AMP_PRECISIONS[name],
+            model=model, data_loader=data_loader, optimizer=optimizer, precision=precision
         )
 
     @classmethod
