@@ -17,6 +17,9 @@ train = dict(
     max_iter=12 * COCO_ITERS_PER_EPOCH,
     # Automatic mixed precision; precision "auto" is float16 on CUDA, bfloat16 on CPU.
     amp=dict(enabled=False, precision="auto"),
+    # Autocast at inference: evaluation (also during training) and LazyPredictor / demo.py.
+    # Independent of `amp`; see README "Speed" for its speed and accuracy on CPU.
+    inference_amp=dict(enabled=False, precision="auto"),
     # Keyword arguments of DistributedDataParallel (when there are several processes).
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     # PeriodicCheckpointer: max_to_keep=None keeps every checkpoint, as the authors do.

@@ -20,9 +20,12 @@ class _CanvasDetector(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
         self.calls = []
+        self.autocast_dtypes = []  # per call: the CPU autocast dtype, None when disabled
 
     def forward(self, batched_inputs):
         self.calls.append((batched_inputs, self.training, torch.is_inference_mode_enabled()))
+        autocast = torch.is_autocast_enabled("cpu")
+        self.autocast_dtypes.append(torch.get_autocast_dtype("cpu") if autocast else None)
         results = []
         for x in batched_inputs:
             height, width = x["image"].shape[1:]
@@ -80,6 +83,12 @@ class TestLazyPredictor(unittest.TestCase):
         self.assertEqual(tuple(model.calls[0][0][0]["image"].shape), (3, 32, 32))
         self.assertEqual(instances.image_size, (16, 16))
         self.assertEqual(instances.pred_boxes.tensor.tolist(), [[0.0, 0.0, 16.0, 16.0]])
+
+    def test_autocast_precision(self):
+        model = _CanvasDetector()
+        LazyPredictor(model=model, augmentations=[])(_bgr_image(4, 4))
+        LazyPredictor(model=model, augmentations=[], precision=torch.bfloat16)(_bgr_image(4, 4))
+        self.assertEqual(model.autocast_dtypes, [None, torch.bfloat16])
 
     def test_errors(self):
         with self.assertRaisesRegex(ValueError, "input_format"):

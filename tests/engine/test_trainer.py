@@ -22,7 +22,13 @@ from fvcore.common.param_scheduler import (
 from omegaconf import OmegaConf
 from torch import nn
 
-from codetr.engine import DeviceAMPTrainer, LazyConfigTrainer, load_lazy_config, lr_factor
+from codetr.engine import (
+    DeviceAMPTrainer,
+    LazyConfigTrainer,
+    inference_precision,
+    load_lazy_config,
+    lr_factor,
+)
 
 _REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 _TRAIN_CONFIG = os.path.join(_REPO, "configs", "common", "train.py")
@@ -67,14 +73,20 @@ class NoisyMapper:
 
 
 class CountingEvaluator(DatasetEvaluator):
+    """Counts the images, and those whose scores came out of an autocast region (bfloat16)."""
+
     def reset(self):
         self.num_images = 0
+        self.num_bfloat16 = 0
 
     def process(self, inputs, outputs):
         self.num_images += len(outputs)
+        self.num_bfloat16 += sum(o["instances"].scores.dtype == torch.bfloat16 for o in outputs)
 
     def evaluate(self):
-        return {"tiny": {"num_images": float(self.num_images)}}
+        return {
+            "tiny": {"num_images": float(self.num_images), "num_bfloat16": float(self.num_bfloat16)}
+        }
 
 
 def _records(num: int):
@@ -171,7 +183,7 @@ class TestLazyConfigTrainer(unittest.TestCase):
 
     def _check_exact_resume(self, **train_overrides):
         straight, results = self._train(os.path.join(self.tmp, "straight"), **train_overrides)
-        self.assertEqual(results, {"tiny": {"num_images": 3.0}})
+        self.assertEqual(results, {"tiny": {"num_images": 3.0, "num_bfloat16": 0.0}})
         self.assertEqual(straight.iter, 4)
 
         output_dir = os.path.join(self.tmp, "interrupted")
@@ -248,6 +260,22 @@ class TestLazyConfigTrainer(unittest.TestCase):
 
         with self.assertRaisesRegex(ValueError, "cfg.train.amp.precision: .*got 'int8'"):
             LazyConfigTrainer(tiny_config(self.tmp, amp=dict(enabled=True, precision="int8")))
+
+    def test_inference_amp_autocasts_evaluation(self):
+        cfg = tiny_config(self.tmp)
+        model = instantiate(cfg.model).eval()
+        self.assertIsNone(inference_precision(cfg))
+        self.assertEqual(
+            LazyConfigTrainer.test(cfg, model), {"tiny": {"num_images": 3.0, "num_bfloat16": 0.0}}
+        )
+        cfg.train.inference_amp.enabled = True
+        self.assertEqual(inference_precision(cfg), torch.bfloat16)
+        self.assertEqual(
+            LazyConfigTrainer.test(cfg, model), {"tiny": {"num_images": 3.0, "num_bfloat16": 3.0}}
+        )
+        cfg.train.inference_amp.precision = "int8"
+        with self.assertRaisesRegex(ValueError, "cfg.train.inference_amp.precision: .*'int8'"):
+            inference_precision(cfg)
 
     def test_load_from_init_checkpoint(self):
         first, _ = self._train(os.path.join(self.tmp, "first"))

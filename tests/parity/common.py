@@ -146,3 +146,31 @@ class AuxiliaryParityMixin(DetectionsMixin):
         with torch.no_grad():
             results = self._head("two-stage").inference(self.aux_features, self.images)
         self.assert_same_detections(results, self.reference["two-stage"], "two-stage")
+
+
+class Bfloat16InferenceMixin:
+    """
+    Inference inside a bfloat16 autocast region (``train.inference_amp``): every eval_module
+    ranks and returns its detections in float32. (How close they stay to float32 inference is
+    measured on a trained model, README "Speed": the random weights here give near-equal
+    scores, whose order bfloat16 rounding reshuffles.) A test case sets ``load_model`` (with
+    auxiliary heads) and ``load_reference``.
+    """
+
+    load_model = None
+    load_reference = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = cls.load_model()
+        cls.inputs = reference_inputs(cls.load_reference())
+
+    def test_every_eval_module_gives_float32_detections(self):
+        for eval_module in ("detr", "one-stage", "two-stage"):
+            self.model.eval_module = eval_module
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                results = self.model.inference(self.inputs, do_postprocess=False)
+            for result in results:
+                self.assertGreater(len(result), 0, eval_module)
+                self.assertEqual(result.pred_boxes.tensor.dtype, torch.float32, eval_module)
+                self.assertEqual(result.scores.dtype, torch.float32, eval_module)

@@ -12,6 +12,7 @@ import torch
 
 from . import reference_inputs
 from .common import (
+    Bfloat16InferenceMixin,
     TINY_CO_DEFORMABLE_DETR_CHECKPOINT,
     AuxiliaryParityMixin,
     DetectionsMixin,
@@ -92,3 +93,8 @@ class TestTinyCoDeformableDETRAuxiliaryParity(AuxiliaryParityMixin, unittest.Tes
     load_model = staticmethod(lambda: load_converted_model(with_aux_heads=True))
     load_reference = staticmethod(load_co_deformable_detr_outputs)
     aux_levels = [f"p{i}" for i in range(3, 8)]
+
+
+class TestTinyCoDeformableDETRBfloat16Inference(Bfloat16InferenceMixin, unittest.TestCase):
+    load_model = staticmethod(lambda: load_converted_model(with_aux_heads=True))
+    load_reference = staticmethod(load_co_deformable_detr_outputs)

@@ -9,14 +9,13 @@ import unittest
 
 import torch
 
-
 from . import (
     TINY_CO_DINO_CHECKPOINT,
     load_reference_outputs,
     reference_inputs,
     tiny_co_dino_config,
 )
-from .common import AuxiliaryParityMixin, DetectionsMixin, assert_close
+from .common import AuxiliaryParityMixin, Bfloat16InferenceMixin, DetectionsMixin, assert_close
 from .common import load_converted_model as common_load_converted_model
 
 
@@ -84,3 +83,8 @@ class TestTinyCoDINOAuxiliaryParity(AuxiliaryParityMixin, unittest.TestCase):
     load_model = staticmethod(lambda: load_converted_model(with_aux_heads=True))
     load_reference = staticmethod(load_reference_outputs)
     aux_levels = [f"p{i}" for i in range(2, 8)]
+
+
+class TestTinyCoDINOBfloat16Inference(Bfloat16InferenceMixin, unittest.TestCase):
+    load_model = staticmethod(lambda: load_converted_model(with_aux_heads=True))
+    load_reference = staticmethod(load_reference_outputs)

@@ -11,6 +11,7 @@ from .trainer import (
     LazyConfigTrainer,
     amp_precision,
     default_device,
+    inference_precision,
     load_lazy_config,
     train_device,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "atomic_write",
     "default_device",
     "flush_denormals",
+    "inference_precision",
     "load_lazy_config",
     "lr_factor",
     "reuse_freed_memory",

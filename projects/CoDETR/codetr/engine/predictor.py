@@ -4,7 +4,7 @@ Single-image inference for demos, configured by a LazyConfig (detectron2's
 """
 
 import logging
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import Instances
 from omegaconf import DictConfig
 
-from .trainer import train_device
+from .trainer import inference_precision, train_device
 
 __all__ = ["LazyPredictor"]
 
@@ -32,10 +32,10 @@ class LazyPredictor:
     requested size is that of the whole padded canvas at the original scale.
 
     Build it from a config, ``LazyPredictor(cfg)``: the model of ``cfg.model`` on
-    ``cfg.train.device`` with the weights of ``cfg.train.init_checkpoint``, and the
+    ``cfg.train.device`` with the weights of ``cfg.train.init_checkpoint``, the
     augmentations of ``cfg.dataloader.test.mapper`` (its ``augmentation`` or, for
-    detectron2's ``DatasetMapper``, ``augmentations``); or from parts,
-    ``LazyPredictor(model=..., augmentations=[...])``.
+    detectron2's ``DatasetMapper``, ``augmentations``) and the autocast precision of
+    ``cfg.train.inference_amp``; or from parts, ``LazyPredictor(model=..., augmentations=[...])``.
     """
 
     @configurable
@@ -45,6 +45,7 @@ class LazyPredictor:
         model: torch.nn.Module,
         augmentations: List[T.Augmentation],
         input_format: str = "RGB",
+        precision: Optional[torch.dtype] = None,
     ):
         """
         Args:
@@ -52,6 +53,8 @@ class LazyPredictor:
             augmentations: the test-time augmentations, e.g. ``[ResizeShortestEdge(800, 1333)]``.
             input_format: channel order the model expects, "RGB" or "BGR" (from_config takes
                 the model's ``input_format`` attribute, "RGB" when it has none).
+            precision: run the model under autocast in this dtype (``torch.bfloat16`` or
+                ``torch.float16``); None: no autocast.
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(
@@ -60,6 +63,7 @@ class LazyPredictor:
         self.model = model.eval()
         self.augmentations = T.AugmentationList(augmentations)
         self.input_format = input_format
+        self.precision = precision
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Dict[str, Any]:
@@ -77,6 +81,7 @@ class LazyPredictor:
             "model": model,
             "augmentations": list(instantiate(mapper[key])),
             "input_format": getattr(model, "input_format", "RGB"),
+            "precision": inference_precision(cfg),
         }
 
     def __call__(self, image: Union[str, np.ndarray]) -> Instances:
@@ -105,6 +110,10 @@ class LazyPredictor:
             height = image.shape[0] * height / content_height
             width = image.shape[1] * width / content_width
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        with torch.inference_mode():
+        device_type = next(self.model.parameters()).device.type
+        autocast = torch.autocast(
+            device_type, dtype=self.precision, enabled=self.precision is not None
+        )
+        with torch.inference_mode(), autocast:
             outputs = self.model([{"image": tensor, "height": height, "width": width}])
         return outputs[0]["instances"]

@@ -37,6 +37,7 @@ from .optimizer import add_gradient_clipping
 
 __all__ = [
     "amp_precision",
+    "inference_precision",
     "default_device",
     "train_device",
     "load_lazy_config",
@@ -59,6 +60,20 @@ def amp_precision(name: str, device: torch.device) -> torch.dtype:
     if name not in _AMP_PRECISIONS:
         raise ValueError(f"AMP precision must be 'auto', 'float16' or 'bfloat16', got {name!r}")
     return _AMP_PRECISIONS[name]
+
+
+def inference_precision(cfg: DictConfig) -> Optional[torch.dtype]:
+    """
+    The autocast dtype of inference on ``train_device(cfg)`` by ``cfg.train.inference_amp``
+    (``enabled``, ``precision`` as in :func:`amp_precision`); None when it is not enabled.
+    """
+    amp = cfg.train.inference_amp
+    if not amp.enabled:
+        return None
+    try:
+        return amp_precision(amp.precision, train_device(cfg))
+    except ValueError as e:
+        raise ValueError(f"cfg.train.inference_amp.precision: {e}") from None
 
 
 def default_device() -> str:
@@ -408,7 +423,8 @@ class LazyConfigTrainer(DefaultTrainer):
     def test(cls, cfg: DictConfig, model: torch.nn.Module) -> Dict[str, Any]:
         """
         Run ``model`` on ``cfg.dataloader.test`` and evaluate it with
-        ``cfg.dataloader.evaluator``; the main process logs the results table.
+        ``cfg.dataloader.evaluator``; the main process logs the results table. The model runs
+        under autocast when ``cfg.train.inference_amp.enabled`` (:func:`inference_precision`).
 
         Returns:
             the evaluator's results (empty when the config has no evaluator).
@@ -416,9 +432,14 @@ class LazyConfigTrainer(DefaultTrainer):
         if "evaluator" not in cfg.dataloader:
             logger.warning("cfg.dataloader has no evaluator: skipping evaluation.")
             return {}
-        results = inference_on_dataset(
-            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-        )
+        precision = inference_precision(cfg)
+        if precision is not None:
+            logger.info(f"Evaluating under autocast in {precision} (cfg.train.inference_amp)")
+        device_type = next(model.parameters()).device.type
+        with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
+            results = inference_on_dataset(
+                model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+            )
         if comm.is_main_process():
             print_csv_format(results)
         return results

@@ -491,10 +491,13 @@ class ATSSHead(nn.Module):
 
         Returns:
             per image, ``Instances`` of ``images.image_sizes[i]`` with ``pred_boxes``,
-            ``scores`` and ``pred_classes`` in input-image coordinates.
+            ``scores`` and ``pred_classes`` in input-image coordinates; float32 also when the
+            head ran under autocast (its outputs are cast before the ranking).
         """
         level_features = [features[name] for name in self.in_features]
-        logits, deltas, centerness = self._predict(level_features)
+        logits, deltas, centerness = (
+            [level.float() for level in outputs] for outputs in self._predict(level_features)
+        )
         anchors_per_level = self.anchor_generator(level_features)
 
         results = []

@@ -169,11 +169,15 @@ class RCNNAuxHead(nn.Module):
 
         Returns:
             B ``Instances`` with ``pred_boxes`` (absolute XYXY), ``scores`` and ``pred_classes``.
+            The branch runs in float32 also inside an autocast region (the features are cast):
+            it is cheap next to the encoder, and its proposals, NMS and scores stay exact.
         """
         if self.training:
             raise RuntimeError("RCNNAuxHead.inference needs eval mode; call .eval() first")
-        proposals, _ = self.rpn(images, features)
-        detections, _ = self.roi_heads(images, features, proposals)
+        features = {name: feature.float() for name, feature in features.items()}
+        with torch.autocast(images.tensor.device.type, enabled=False):
+            proposals, _ = self.rpn(images, features)
+            detections, _ = self.roi_heads(images, features, proposals)
         return detections
 
 

@@ -33,8 +33,10 @@ def detr_detections(
         soft_nms_iou_threshold: class-aware linear soft-NMS at this IoU; None for no NMS.
     Returns:
         per image Instances with pred_boxes (XYXY input pixels, clamped to the normaliser
-        extent), scores and pred_classes, sorted by decreasing score.
+        extent), scores and pred_classes, sorted by decreasing score. Boxes and scores are
+        float32 also when the head ran under autocast.
     """
+    logits, boxes = logits.float(), boxes.float()
     num_classes = logits.shape[-1]
     scores = logits.sigmoid().flatten(1)
     k = min(num_candidates, scores.shape[1])
