@@ -1,0 +1,144 @@
+"""
+What must hold on every device: the CPU always, CUDA when a GPU is visible (skipped, with its
+reason, elsewhere). On the CPU these repeat checks made in other test modules; running them
+there keeps the tests themselves checked on machines without a GPU.
+
+* the fast deformable attention against the float64 reference, values and gradients;
+* the attention module and a training step of the tiny Co-DINO (auxiliary heads and positive
+  queries included) under the autocast precision of the device: bfloat16 on CPU, float16 on
+  CUDA;
+* the authors' tiny Co-DINO checkpoint reproducing their stored detections on the device.
+"""
+
+import math
+import unittest
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.utils.events import EventStorage
+
+from codetr.engine import amp_precision
+from codetr.layers import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from codetr.layers import ms_deform_attn_fast
+from codetr.layers.ms_deform_attn_fast import multi_scale_deformable_attention_fast
+
+from .layers.test_ms_deform_attn_fast import LEVEL_SHAPES, _random_inputs, _values_and_grads
+from .modeling.test_collaborative_training import CONFIG as TINY_CO_DINO_CONFIG
+from .modeling.test_collaborative_training import _batch
+from .parity import load_reference_outputs, reference_inputs
+from .parity.common import DetectionsMixin
+from .parity.test_tiny_co_dino import load_converted_model
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+@pytest.fixture
+def exact_float32():
+    """No TF32 in CUDA matrix products and convolutions while a test runs."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padded", [True, False])
+def test_fast_attention_matches_float64_reference(device, padded, monkeypatch, exact_float32):
+    monkeypatch.setattr(
+        ms_deform_attn_fast, "_MIN_POINTS_PER_VALUE_FOR_PADDING", 0.0 if padded else math.inf
+    )
+    value, shapes, locations, weights = _random_inputs(
+        LEVEL_SHAPES["thin_levels"], num_queries=40, num_heads=2, head_dim=8, seed=2
+    )
+    grad_output = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(3)).double()
+    flags = (True, True, True)
+    expected, expected_grads = _values_and_grads(
+        multi_scale_deformable_attention, value, shapes, locations, weights, grad_output, flags
+    )
+    value, locations, weights, grad_output = (
+        t.to(device, torch.float32) for t in (value, locations, weights, grad_output)
+    )
+    out, grads = _values_and_grads(
+        multi_scale_deformable_attention_fast,
+        value,
+        shapes.to(device),
+        locations,
+        weights,
+        grad_output,
+        flags,
+    )
+    assert out.device.type == device and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.device.type == device
+        torch.testing.assert_close(grad.cpu().double(), expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_module_under_autocast(device, exact_float32):
+    precision = amp_precision("auto", torch.device(device))
+    torch.manual_seed(0)
+    module = MultiScaleDeformableAttention(embed_dim=16, num_heads=2, num_levels=2, num_points=2)
+    module = module.to(device)
+    generator = torch.Generator().manual_seed(10)
+    query = torch.randn(2, 6, 16, generator=generator).to(device)
+    value = torch.randn(2, 16, 16, generator=generator).to(device)
+    reference_points = torch.rand(2, 6, 2, 2, generator=generator).to(device)
+    shapes = torch.tensor(LEVEL_SHAPES["two_levels"], device=device)
+    start_index = torch.tensor([0, 12], device=device)
+    args = (query, value, reference_points, shapes, start_index)
+    query.requires_grad_(True)
+    expected = module(*args)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), query)
+    with torch.autocast(device, dtype=precision):
+        out = module(*args)
+    (grad,) = torch.autograd.grad(out.float().sum(), query)
+    assert out.dtype == precision
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected_grad, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amp", [False, True])
+def test_tiny_co_dino_training_step(device, amp):
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(TINY_CO_DINO_CONFIG).model).to(device).train()
+    precision = amp_precision("auto", torch.device(device))
+    with EventStorage(), torch.autocast(device, dtype=precision, enabled=amp):
+        losses = model(_batch())
+    # the auxiliary heads' and the positive queries' losses are there
+    assert "aux0.loss_rpn_cls" in losses and "aux1.loss_centerness" in losses
+    assert "loss_class_aux0" in losses and "loss_class_aux1" in losses
+    for name, loss in losses.items():
+        assert loss.device.type == device, name
+        assert torch.isfinite(loss), name
+    sum(losses.values()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("backbone.") for n in grads)
+    assert any(n.startswith("aux_heads.") for n in grads)
+    for name, grad in grads.items():
+        assert grad.device.type == device, name
+        assert torch.isfinite(grad).all(), name
+
+
+class _Detections(DetectionsMixin, unittest.TestCase):
+    def runTest(self):  # unittest needs a test method to instantiate the case
+        pass
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_authors_detections_reproduced(device, exact_float32):
+    reference = load_reference_outputs()
+    model = load_converted_model(with_aux_heads=False).to(device)
+    with torch.inference_mode():
+        results = model.inference(reference_inputs(reference), do_postprocess=False)
+    assert results[0].scores.device.type == device
+    _Detections().assert_same_detections([r.to("cpu") for r in results], reference["detr"], "detr")
