@@ -36,7 +36,13 @@ from detectron2.config import instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from codetr.engine import amp_precision, flush_denormals, load_lazy_config, reuse_freed_memory
+from codetr.engine import (
+    amp_precision,
+    autocast_to,
+    flush_denormals,
+    load_lazy_config,
+    reuse_freed_memory,
+)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -166,17 +172,14 @@ def benchmark(args: argparse.Namespace) -> Dict:
     torch.manual_seed(args.seed)
     model = instantiate(cfg.model).to(device)
     inputs = random_inputs(args, torch.Generator().manual_seed(args.seed))
-    precision = amp_precision(args.amp, device) if args.amp else torch.float32
-
-    def autocast():
-        return torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
+    precision = amp_precision(args.amp, device) if args.amp else None
 
     results: Dict = {
         "config": args.config_file,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "batch_size": args.batch_size,
         "image_size": [args.height, args.width],
-        "precision": str(precision).replace("torch.", ""),
+        "precision": str(precision or torch.float32).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
@@ -191,7 +194,7 @@ def benchmark(args: argparse.Namespace) -> Dict:
         model.eval()
 
         def infer():
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast_to(device.type, precision):
                 model(inputs)
 
         phase = measure_phase(infer, device, args.warmup, args.iters, inference=True)
@@ -203,7 +206,7 @@ def benchmark(args: argparse.Namespace) -> Dict:
 
         def train_step():
             with EventStorage():
-                with autocast():
+                with autocast_to(device.type, precision):
                     losses = sum(model(inputs).values())
                 losses.backward()
             model.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.structures import Instances
 from omegaconf import DictConfig
 
-from .trainer import inference_precision, train_device
+from .trainer import autocast_to, inference_precision, train_device
 
 __all__ = ["LazyPredictor"]
 
@@ -111,9 +111,6 @@ class LazyPredictor:
             width = image.shape[1] * width / content_width
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         device_type = next(self.model.parameters()).device.type
-        autocast = torch.autocast(
-            device_type, dtype=self.precision, enabled=self.precision is not None
-        )
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast_to(device_type, self.precision):
             outputs = self.model([{"image": tensor, "height": height, "width": width}])
         return outputs[0]["instances"]

@@ -37,6 +37,7 @@ from .optimizer import add_gradient_clipping
 
 __all__ = [
     "amp_precision",
+    "autocast_to",
     "inference_precision",
     "default_device",
     "train_device",
@@ -60,6 +61,11 @@ def amp_precision(name: str, device: torch.device) -> torch.dtype:
     if name not in _AMP_PRECISIONS:
         raise ValueError(f"AMP precision must be 'auto', 'float16' or 'bfloat16', got {name!r}")
     return _AMP_PRECISIONS[name]
+
+
+def autocast_to(device_type: str, precision: Optional[torch.dtype]) -> torch.autocast:
+    """``torch.autocast`` on ``device_type`` in ``precision``; a disabled one when None."""
+    return torch.autocast(device_type, dtype=precision, enabled=precision is not None)
 
 
 def inference_precision(cfg: DictConfig) -> Optional[torch.dtype]:
@@ -435,8 +441,7 @@ class LazyConfigTrainer(DefaultTrainer):
         precision = inference_precision(cfg)
         if precision is not None:
             logger.info(f"Evaluating under autocast in {precision} (cfg.train.inference_amp)")
-        device_type = next(model.parameters()).device.type
-        with torch.autocast(device_type, dtype=precision, enabled=precision is not None):
+        with autocast_to(next(model.parameters()).device.type, precision):
             results = inference_on_dataset(
                 model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
             )
