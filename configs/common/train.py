@@ -14,6 +14,9 @@ train = dict(
     output_dir="./output",
     # Model weights to start from (ignored by --resume when output_dir has a checkpoint).
     init_checkpoint="",
+    # init_checkpoint must fill at least this share of the model's tensors (0: at least one),
+    # and, when it holds backbone weights only, this share of the backbone's tensors.
+    init_checkpoint_min_loaded=dict(model=0.0, backbone=0.5),
     max_iter=12 * COCO_ITERS_PER_EPOCH,
     # Automatic mixed precision; precision "auto" is float16 on CUDA, bfloat16 on CPU.
     amp=dict(enabled=False, precision="auto"),
@@ -31,4 +34,7 @@ train = dict(
     # >= 0: reproducible runs and exact resume; < 0: a random seed.
     seed=0,
     clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),
+    # Unreadable training images are skipped with a warning; the run stops once more than this
+    # fraction of the training set has been skipped.
+    max_skipped_image_fraction=0.01,
 )

@@ -227,7 +227,15 @@ class TestLazyConfigTrainer(unittest.TestCase):
         hook_names = [type(h).__name__ for h in trainer._hooks]
         self.assertEqual(
             hook_names,
-            ["IterationTimer", "LRScheduler", "PeriodicCheckpointer", "EvalHook", "PeriodicWriter"],
+            [
+                "IterationTimer",
+                "LRScheduler",
+                "PeriodicCheckpointer",
+                "EvalHook",
+                "MetricHistory",
+                "PeriodicWriter",
+                "StopWithCheckpoint",
+            ],
         )
         lrs = sorted({g["lr"] for g in trainer.optimizer.param_groups})
         self.assertEqual(len(lrs), 2)
@@ -308,6 +316,34 @@ class TestLoadLazyConfig(unittest.TestCase):
             load_lazy_config(_TRAIN_CONFIG, ["trian.max_iter=7"])
         with self.assertRaisesRegex(ValueError, "key=value"):
             load_lazy_config(_TRAIN_CONFIG, ["train.max_iter"])
+
+    def test_value_of_the_wrong_type(self):
+        cases = {
+            "train.max_iter=abc": "train.max_iter expects an integer .*got str 'abc'",
+            "train.max_iter=1e5": "train.max_iter expects an integer .*got float 100000.0",
+            "train.amp.enabled=yes": "train.amp.enabled expects a boolean .*got str 'yes'",
+            "train.clip_grad.max_norm=large": "max_norm expects a number .*got str 'large'",
+            "train.seed=true": "train.seed expects an integer .*got bool True",
+        }
+        for override, message in cases.items():
+            with self.subTest(override), self.assertRaisesRegex(TypeError, message):
+                load_lazy_config(_TRAIN_CONFIG, [override])
+
+    def test_values_of_compatible_types(self):
+        cfg = load_lazy_config(
+            _TRAIN_CONFIG,
+            [
+                "train.clip_grad.max_norm=1",  # an integer for a float
+                "train.checkpointer.max_to_keep=3",  # a value for a field that is None
+                "train.output_dir=2024",  # a number for a string
+                "train.device=cpu",  # a value for a lazy call
+                "train.eval_period=null",
+            ],
+        )
+        self.assertEqual(cfg.train.clip_grad.max_norm, 1)
+        self.assertEqual(cfg.train.checkpointer.max_to_keep, 3)
+        self.assertEqual(cfg.train.device, "cpu")
+        self.assertIsNone(cfg.train.eval_period)
 
     def test_bad_path(self):
         with self.assertRaisesRegex(FileNotFoundError, "no/such/config.py"):

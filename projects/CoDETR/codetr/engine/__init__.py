@@ -4,6 +4,7 @@ Training, evaluation and inference driven by LazyConfigs.
 
 from .checkpointer import AtomicCheckpointer, atomic_write
 from .cpu_runtime import flush_denormals, reuse_freed_memory
+from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping, lr_factor
 from .predictor import LazyPredictor
 from .trainer import (
@@ -12,6 +13,7 @@ from .trainer import (
     amp_precision,
     autocast_to,
     default_device,
+    drop_metrics_from,
     inference_precision,
     load_lazy_config,
     train_device,
@@ -22,11 +24,15 @@ __all__ = [
     "DeviceAMPTrainer",
     "LazyConfigTrainer",
     "LazyPredictor",
+    "MetricHistory",
+    "SkippedImageLimit",
+    "StopWithCheckpoint",
     "add_gradient_clipping",
     "amp_precision",
     "atomic_write",
     "autocast_to",
     "default_device",
+    "drop_metrics_from",
     "flush_denormals",
     "inference_precision",
     "load_lazy_config",

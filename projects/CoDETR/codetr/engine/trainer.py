@@ -8,7 +8,9 @@ rest (the hook machinery, ``run_step``, ``state_dict``). The config must have th
 optionally ``dataloader.evaluator``, and ``train`` (see ``configs/common/train.py``).
 """
 
+import copy
 import difflib
+import json
 import logging
 import os
 import time
@@ -33,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 import codetr.data  # noqa: F401  (registers the project's datasets)
 
 from .checkpointer import AtomicCheckpointer
+from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "autocast_to",
     "inference_precision",
     "default_device",
+    "drop_metrics_from",
     "train_device",
     "load_lazy_config",
     "DeviceAMPTrainer",
@@ -118,20 +122,28 @@ def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictCon
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file {config_file!r} does not exist")
     cfg = LazyConfig.load(config_file)
+    defaults = {}
     for override in overrides:
-        _check_override_key(cfg, override, config_file)
-    return LazyConfig.apply_overrides(cfg, list(overrides))
+        key = _check_override_key(cfg, override, config_file)
+        defaults[override] = OmegaConf.select(cfg, key, default=None)
+    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    for override, default in defaults.items():
+        key = override.partition("=")[0].lstrip("+")
+        _check_override_type(override, default, OmegaConf.select(cfg, key, default=None))
+    return cfg
 
 
-def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> None:
+def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> str:
+    """The key of ``override``; raises when it is malformed or names no key of ``cfg``."""
     key, sep, _ = override.partition("=")
     if not sep or not key.lstrip("+"):
         raise ValueError(f"Override {override!r} is not of the form key=value")
     if key.startswith("+"):
-        return  # hydra's syntax to add a key
+        return key[1:]  # hydra's syntax to add a key
     missing = object()
     if OmegaConf.select(cfg, key, default=missing) is not missing:
-        return
+        return key
+
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
     hint = ""
@@ -144,6 +156,63 @@ def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> Non
         f"Override {override!r}: the config {config_file!r} has no key {key!r}.{hint} "
         f"Write '+{key}=...' to add a new key."
     )
+
+
+def _check_override_type(override: str, default: Any, value: Any) -> None:
+    """
+    Raises TypeError when an override gives a number or boolean field of the config a value
+    of another type (``train.max_iter=abc``, ``train.amp.enabled=yes``), which would otherwise
+    fail deep inside training. An integer is accepted for a float field; ``null`` is accepted
+    everywhere (constructors take optional arguments); other fields take any value.
+    """
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        expected, accepted = "a boolean (true or false)", isinstance(value, bool)
+    elif isinstance(default, int):
+        expected = "an integer"
+        accepted = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        expected = "a number"
+        accepted = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return
+    if not accepted:
+        raise TypeError(
+            f"Override {override!r}: {override.partition('=')[0].lstrip('+')} expects "
+            f"{expected} (the config has {default!r}), got {type(value).__name__} {value!r}"
+        )
+
+
+def drop_metrics_from(metrics_file: str, iteration: int) -> None:
+    """
+    Removes from ``metrics_file`` (detectron2's ``metrics.json``, a json object per line) the
+    rows of ``iteration`` and later: a run that stopped after its last checkpoint wrote them,
+    and the resumed run writes them again. The file is rewritten in place: the writers may
+    already hold it open for appending.
+    """
+    if not os.path.isfile(metrics_file):
+        return
+    with open(metrics_file, "r+") as f:
+        lines = f.readlines()
+        kept = [line for line in lines if _metrics_row_iteration(line) < iteration]
+        if len(kept) == len(lines):
+            return
+        f.seek(0)
+        f.writelines(kept)
+        f.truncate()
+    logger.info(
+        f"{metrics_file}: dropped {len(lines) - len(kept)} rows of iterations >= {iteration}, "
+        "written after the checkpoint this run resumes from"
+    )
+
+
+def _metrics_row_iteration(line: str) -> float:
+    """The iteration of a ``metrics.json`` row; infinity for a row cut short by a kill."""
+    try:
+        return json.loads(line).get("iteration", -1)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 def _iteration_seed(base_seed: int, rank: int, iteration: int) -> int:
@@ -265,7 +334,12 @@ class LazyConfigTrainer(DefaultTrainer):
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        self.train_dataset = instantiate(cfg.dataloader.train.dataset)
+        self.train_mapper = instantiate(cfg.dataloader.train.mapper)
+        data_loader = self.build_train_loader(
+            cfg, dataset=self.train_dataset, mapper=self.train_mapper
+        )
+        self.check_evaluation_setup(cfg)
         model = self.build_ddp_model(cfg, model)
         self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -275,6 +349,7 @@ class LazyConfigTrainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         self._last_eval_results: Optional[Dict[str, Any]] = None
+        self._stop = StopWithCheckpoint(self.checkpointer if comm.is_main_process() else None)
         self.register_hooks(self.build_hooks())
 
     @classmethod
@@ -299,9 +374,29 @@ class LazyConfigTrainer(DefaultTrainer):
         return optimizer
 
     @classmethod
-    def build_train_loader(cls, cfg: DictConfig) -> Any:
-        """``instantiate(cfg.dataloader.train)``."""
-        return instantiate(cfg.dataloader.train)
+    def build_train_loader(cls, cfg: DictConfig, *, dataset: Any = None, mapper: Any = None) -> Any:
+        """
+        ``instantiate(cfg.dataloader.train)``, with its ``dataset`` and ``mapper`` replaced by
+        the given, already built, objects (the trainer reads the dataset's size and the
+        mapper's count of skipped images).
+        """
+        loader = copy.copy(cfg.dataloader.train)
+        if dataset is not None:
+            loader.dataset = dataset
+        if mapper is not None:
+            loader.mapper = mapper
+        return instantiate(loader)
+
+    @classmethod
+    def check_evaluation_setup(cls, cfg: DictConfig) -> None:
+        """
+        Builds (without running) the test loader and the evaluator that the evaluations
+        during and after training will build, so that a wrong test dataset or evaluator fails
+        before iteration 0 rather than after the last one.
+        """
+        if "evaluator" in cfg.dataloader:
+            instantiate(cfg.dataloader.test)
+            instantiate(cfg.dataloader.evaluator)
 
     @classmethod
     def build_ddp_model(cls, cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module:
@@ -352,11 +447,14 @@ class LazyConfigTrainer(DefaultTrainer):
     def build_hooks(self) -> List[Optional[HookBase]]:
         """
         IterationTimer, LRScheduler, PeriodicCheckpointer (main process,
-        ``cfg.train.checkpointer``), EvalHook (``cfg.train.eval_period``), PeriodicWriter (main
-        process, ``cfg.train.log_period``). ``None`` entries are dropped by ``register_hooks``.
+        ``cfg.train.checkpointer``), EvalHook (``cfg.train.eval_period``), MetricHistory,
+        SkippedImageLimit (``cfg.train.max_skipped_image_fraction``, when the training mapper
+        counts skipped images), PeriodicWriter (main process, ``cfg.train.log_period``) and
+        StopWithCheckpoint. ``None`` entries are dropped by ``register_hooks``.
         """
         cfg = self.cfg
         is_main = comm.is_main_process()
+        skipped_images = getattr(self.train_mapper, "skipped_images", None)
 
         def test_and_save_results() -> Dict[str, Any]:
             self._last_eval_results = self.test(cfg, self.model)
@@ -371,11 +469,26 @@ class LazyConfigTrainer(DefaultTrainer):
                 else None
             ),
             hooks.EvalHook(cfg.train.eval_period, test_and_save_results),
+            MetricHistory(),
+            (
+                SkippedImageLimit(
+                    skipped_images=lambda: self.train_mapper.skipped_images,
+                    num_images=len(self.train_dataset),
+                    images_per_iteration=(
+                        cfg.dataloader.train.total_batch_size // comm.get_world_size()
+                    ),
+                    max_fraction=cfg.train.max_skipped_image_fraction,
+                    stop=self._stop,
+                )
+                if skipped_images is not None
+                else None
+            ),
             (
                 hooks.PeriodicWriter(self.build_writers(), period=cfg.train.log_period)
                 if is_main
                 else None
             ),
+            self._stop,
         ]
 
     def build_writers(self) -> List[EventWriter]:
@@ -389,9 +502,21 @@ class LazyConfigTrainer(DefaultTrainer):
         only the model weights of ``cfg.train.init_checkpoint`` (if set) and start at 0.
         """
         self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
-            # The checkpoint holds the iteration that had just finished.
-            self.start_iter = self.iter + 1
+        if not (resume and self.checkpointer.has_checkpoint()):
+            return
+        # The checkpoint holds the iteration that had just finished.
+        self.start_iter = self.iter + 1
+        if self.start_iter >= self.max_iter:
+            raise RuntimeError(
+                f"--resume: the run in {self.cfg.train.output_dir!r} is finished (its last "
+                f"checkpoint, {self.checkpointer.get_checkpoint_file()!r}, is iteration "
+                f"{self.iter} and train.max_iter={self.max_iter}): nothing to train. Raise "
+                "train.max_iter to train longer, or choose another train.output_dir."
+            )
+        if comm.is_main_process():
+            drop_metrics_from(
+                os.path.join(self.cfg.train.output_dir, "metrics.json"), self.start_iter
+            )
 
     def run_step(self) -> None:
         if self.seed is not None:
@@ -405,8 +530,9 @@ class LazyConfigTrainer(DefaultTrainer):
         Returns:
             the results of the last evaluation, if any ran.
         """
-        self._replay_training_data()
-        TrainerBase.train(self, self.start_iter, self.max_iter)
+        with self._stop.catch_signals():
+            self._replay_training_data()
+            TrainerBase.train(self, self.start_iter, self.max_iter)
         return self._last_eval_results
 
     def _replay_training_data(self) -> None:
