@@ -37,10 +37,10 @@ _TRAIN_CONFIG = os.path.join(_REPO, "configs", "common", "train.py")
 class TinyDetector(nn.Module):
     """Classifies whole images; uses dropout, so its training draws random numbers."""
 
-    def __init__(self, *, num_classes: int = 3):
+    def __init__(self, *, num_classes: int = 3, dropout: float = 0.5):
         super().__init__()
         self.backbone = nn.Conv2d(3, 8, 3)
-        self.dropout = nn.Dropout(0.5)
+        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(8, num_classes)
 
     def forward(self, batched_inputs):
