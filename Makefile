@@ -1,21 +1,18 @@
-# CoDETR-d2. Prerequisites (not installed here): torch, torchvision, detectron2 - see README.
+# CoDETR-d2. `make install` installs what is missing: torch + torchvision, setuptools<81 + wheel,
+# detectron2 (pinned commit, or DETECTRON2_SOURCE), this project - see README "Installation".
 PYTHON ?= python3
 DEMO_CONFIG ?= configs/toy/co_dino_toy.py
 DEMO_OUTPUT ?= output/demo
 PYTEST_ARGS ?=
 
-.PHONY: prerequisites install test demo clean-demo
+.PHONY: install test demo clean-demo
 
-prerequisites:
-	@$(PYTHON) tools/check_prerequisites.py
+# TORCH_INDEX_URL and DETECTRON2_SOURCE reach the script from the environment or `make VAR=...`
+install:
+	@$(PYTHON) tools/install_prerequisites.py
 
-# the project itself and its own dependencies (fvcore, scipy, pycocotools, opencv), once
-install: prerequisites
-	@$(PYTHON) -c "import codetr, fvcore, scipy, pycocotools, cv2" 2>/dev/null || \
-		$(PYTHON) -m pip install --no-build-isolation -e .
-
-test: install
-	@$(PYTHON) -c "import pytest, timm" 2>/dev/null || $(PYTHON) -m pip install pytest timm
+test:
+	@$(PYTHON) tools/install_prerequisites.py --with-test-extras
 	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
 
 # generate the toy data, train, evaluate (final table), draw predictions on the val images
