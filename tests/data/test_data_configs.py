@@ -36,6 +36,8 @@ def test_dataset_names():
         loader = LazyConfig.load(os.path.join(CONFIG_DIR, name)).dataloader
         names[name] = (loader.train.dataset.names, loader.test.dataset.names)
         assert loader.train.dataset.filter_empty is False
+        assert loader.train.dataset.is_train is True and loader.test.dataset.is_train is False
+        assert loader.train.dataset.missing_images == "error"
         assert loader.train.mapper.image_format == "RGB"
     assert names["coco.py"] == names["coco_lsj.py"] == ("coco_2017_train", "coco_2017_val")
     assert names["toy.py"] == ("codetr_toy_train", "codetr_toy_val")

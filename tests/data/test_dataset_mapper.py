@@ -1,10 +1,19 @@
+import copy
+import operator
+import os
+import pickle
+import tempfile
+import unittest
+
 import cv2
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from detectron2.data import DatasetFromList, MapDataset, build_detection_train_loader
 from detectron2.data import transforms as T
+from detectron2.data.samplers import InferenceSampler
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import BoxMode, Boxes, Instances
 
@@ -213,3 +222,98 @@ def test_invalid_arguments():
         build_lsj_test_augmentation(image_size=0)
     with pytest.raises(ValueError, match="min_scale"):
         build_lsj_train_augmentation(min_scale=2.0, max_scale=1.0)
+
+
+class TestUnreadableImages(unittest.TestCase):
+    """Training skips (and counts) unreadable images; inference fails naming the file."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        image = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+        self.good = os.path.join(tmp.name, "good.jpg")
+        cv2.imwrite(self.good, image)
+        with open(self.good, "rb") as f:
+            data = f.read()
+        self.truncated = os.path.join(tmp.name, "truncated.jpg")
+        with open(self.truncated, "wb") as f:
+            f.write(data[: len(data) // 2])
+        self.not_an_image = os.path.join(tmp.name, "not_an_image.jpg")
+        with open(self.not_an_image, "w") as f:
+            f.write("not an image")
+        self.missing = os.path.join(tmp.name, "missing.jpg")
+
+    def _record(self, file_name, height=HEIGHT):
+        return {
+            "file_name": file_name,
+            "image_id": 1,
+            "height": height,
+            "width": WIDTH,
+            "annotations": [_annotation(30, 5, 50, 15, 2)],
+        }
+
+    def test_training_skips_and_counts(self):
+        mapper = DetrDatasetMapper(is_train=True, augmentation=[])
+        cases = [
+            (self.truncated, HEIGHT, "OSError: image file is truncated"),
+            (self.not_an_image, HEIGHT, "UnidentifiedImageError: cannot identify image file"),
+            (self.missing, HEIGHT, "FileNotFoundError"),
+            (self.good, HEIGHT + 1, "SizeMismatchError"),  # the dict's size is wrong
+        ]
+        for count, (file_name, height, error) in enumerate(cases, start=1):
+            with self.assertLogs("codetr.data.dataset_mapper", "WARNING") as logs:
+                self.assertIsNone(mapper(self._record(file_name, height)))
+            self.assertEqual(len(logs.output), 1)
+            self.assertIn(f"Cannot read image {file_name}: {error}", logs.output[0])
+            self.assertIn(f"({count} training images skipped so far)", logs.output[0])
+            self.assertEqual(mapper.skipped_images, count)
+        self.assertEqual(len(mapper(self._record(self.good))["instances"]), 1)
+        self.assertEqual(mapper.skipped_images, 4)
+
+    def test_inference_fails_naming_the_file(self):
+        mapper = DetrDatasetMapper(is_train=False, augmentation=[])
+        for file_name, error in [(self.truncated, OSError), (self.not_an_image, OSError)]:
+            with self.assertRaisesRegex(error, f"Cannot read image {file_name}"):
+                mapper(self._record(file_name))
+        with self.assertRaisesRegex(ValueError, f"Cannot read image {self.good}"):
+            mapper(self._record(self.good, HEIGHT + 1))
+        self.assertEqual(mapper.skipped_images, 0)
+
+    def test_copies_count_on_their_own(self):
+        mapper = DetrDatasetMapper(is_train=True, augmentation=[])
+        mapper(self._record(self.truncated))
+        for clone in (pickle.loads(pickle.dumps(mapper)), copy.deepcopy(mapper)):
+            self.assertEqual(clone.skipped_images, 1)
+            clone(self._record(self.truncated))
+            self.assertEqual(clone.skipped_images, 2)
+        self.assertEqual(mapper.skipped_images, 1)
+
+    def test_count_is_shared_with_forked_workers(self):
+        """detectron2's train loader, one (forked) worker: the bad image is replaced."""
+        mapper = DetrDatasetMapper(is_train=True, augmentation=[])
+        records = [self._record(f) for f in (self.good, self.truncated, self.good)]
+        loader = build_detection_train_loader(
+            records,
+            mapper=mapper,
+            sampler=InferenceSampler(len(records)),
+            total_batch_size=1,
+            aspect_ratio_grouping=False,
+            num_workers=1,
+        )
+        file_names = [batch[0]["file_name"] for batch in loader]
+        self.assertEqual(file_names, [self.good] * 3)
+        self.assertEqual(mapper.skipped_images, 1)
+
+    def test_count_is_shared_with_spawned_workers(self):
+        """A spawned worker unpickles the mapper (detectron2 uses cloudpickle) and shares it."""
+        mapper = DetrDatasetMapper(is_train=True, augmentation=[])
+        records = [self._record(f) for f in (self.good, self.not_an_image, self.good)]
+        loader = torch.utils.data.DataLoader(
+            MapDataset(DatasetFromList(records, copy=False), mapper),
+            batch_size=1,
+            collate_fn=operator.itemgetter(0),
+            num_workers=1,
+            multiprocessing_context="spawn",
+        )
+        self.assertEqual([out["file_name"] for out in loader], [self.good] * 3)
+        self.assertEqual(mapper.skipped_images, 1)

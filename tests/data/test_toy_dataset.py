@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 
 from codetr.data import (
     TOY_DATASET_SPLITS,
@@ -148,6 +149,22 @@ def test_ensure_generates_once_and_repairs(toy_registered_in):
         assert f.read() == expected
 
 
-def test_ensure_rejects_unknown_name():
-    with pytest.raises(ValueError, match="coco_2017_val"):
-        ensure_toy_dataset("coco_2017_val")
+def test_ensure_accepts_any_registered_dataset(tmp_path):
+    json_file = str(tmp_path / "mine_val.json")  # never created: only toy files are generated
+    register_coco_instances("_test_mine_val", {}, json_file, str(tmp_path))
+    try:
+        assert ensure_toy_dataset("_test_mine_val") == "_test_mine_val"
+        assert ensure_toy_dataset("coco_2017_val") == "coco_2017_val"
+        assert os.listdir(tmp_path) == []
+    finally:
+        DatasetCatalog.remove("_test_mine_val")
+        MetadataCatalog.remove("_test_mine_val")
+
+
+def test_ensure_rejects_unregistered_name():
+    with pytest.raises(KeyError) as info:
+        ensure_toy_dataset("mine_val")
+    message = str(info.value)
+    assert "Dataset 'mine_val' is not registered" in message
+    assert "train_net.py --register-coco mine_val JSON IMAGE_ROOT" in message
+    assert "codetr_toy_train, codetr_toy_val" in message

@@ -3,16 +3,17 @@
 Expects detectron2's builtin COCO layout under $DETECTRON2_DATASETS (default "datasets").
 The evaluator writes nothing by default; set ``dataloader.evaluator.output_dir`` to keep
 its predictions.
+
+Datasets are loaded with ``codetr.data.load_checked_dataset_dicts``, which checks the json
+files and that every listed image exists: a missing image stops the run before it starts,
+unless ``dataloader.train.dataset.missing_images=drop`` (or ``.test``) drops them with a
+warning.
 """
 
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.evaluation import COCOEvaluator
 
 from codetr.data import (
@@ -20,12 +21,15 @@ from codetr.data import (
     build_detr_crop_train_augmentation,
     build_detr_test_augmentation,
     build_detr_train_augmentation,
+    load_checked_dataset_dicts,
 )
 
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train", filter_empty=False),
+    dataset=L(load_checked_dataset_dicts)(
+        names="coco_2017_train", is_train=True, filter_empty=False, missing_images="error"
+    ),
     mapper=L(DetrDatasetMapper)(
         is_train=True,
         augmentation=L(build_detr_train_augmentation)(),
@@ -37,7 +41,9 @@ dataloader.train = L(build_detection_train_loader)(
 )
 
 dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    dataset=L(load_checked_dataset_dicts)(
+        names="coco_2017_val", is_train=False, filter_empty=False, missing_images="error"
+    ),
     mapper=L(DetrDatasetMapper)(
         is_train=False,
         augmentation=L(build_detr_test_augmentation)(min_size=800, max_size=1333),

@@ -3,7 +3,9 @@
 Train: flip + short side in 144..176 (no crop branch: the toy run is a few CPU-minutes).
 Test: short side 160, i.e. the native size. Small batches, one loader worker (2-core machine).
 The evaluator's dataset name goes through ``ensure_toy_dataset``, which generates the files
-(under $CODETR_DATASETS/codetr_toy) before ``COCOEvaluator`` reads the json.
+(under $CODETR_DATASETS/codetr_toy) before ``COCOEvaluator`` reads the json; it accepts any
+registered dataset, so ``dataloader.{train,test}.dataset.names`` and
+``dataloader.evaluator.dataset_name`` may name your own (``train_net.py --register-coco``).
 The toy dataset has 5 classes (``codetr.data.TOY_THING_CLASSES``): set model.num_classes.
 """
 

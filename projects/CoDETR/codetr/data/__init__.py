@@ -1,10 +1,12 @@
 """
-Data side of CoDETR: the DETR / LSJ dataset mapper and the synthetic toy dataset.
+Data side of CoDETR: checked dataset loading, the DETR / LSJ dataset mapper and the synthetic
+toy dataset.
 
 Importing this package registers the toy datasets "codetr_toy_train" and "codetr_toy_val"
 (cheap: their files are generated on first use, see ``toy_dataset``).
 """
 
+from .dataset_checks import MISSING_IMAGES_MODES, load_checked_dataset_dicts
 from .dataset_mapper import (
     DETR_TRAIN_MIN_SIZES,
     LSJ_PAD_VALUE,
@@ -27,6 +29,8 @@ from .toy_dataset import (
 )
 
 __all__ = [
+    "MISSING_IMAGES_MODES",
+    "load_checked_dataset_dicts",
     "sync_num_classes",
     "thing_class_count",
     "DETR_TRAIN_MIN_SIZES",

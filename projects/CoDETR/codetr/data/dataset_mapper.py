@@ -31,10 +31,14 @@ COCO).
 
 import copy
 import logging
+import multiprocessing
+from multiprocessing.context import get_spawning_popen
+from multiprocessing.reduction import ForkingPickler
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -141,6 +145,44 @@ def build_lsj_test_augmentation(*, image_size: int = 1024) -> List[T.Augmentatio
     ]
 
 
+class _SharedCounter:
+    """
+    A count shared by the process that creates it and the processes it starts afterwards
+    (DataLoader workers, with the fork, spawn or forkserver start method).
+
+    Each process increments its own slot (0: not a DataLoader worker, 1 + id: worker ``id``),
+    so increments need no lock; the count is the sum of the slots.
+    """
+
+    _SLOTS = 64
+
+    def __init__(self, initial: int = 0):
+        self._slots = multiprocessing.RawArray("q", self._SLOTS)
+        self._slots[0] = initial
+
+    def increment(self) -> None:
+        worker = get_worker_info()
+        self._slots[0 if worker is None else 1 + worker.id % (self._SLOTS - 1)] += 1
+
+    @property
+    def value(self) -> int:
+        return sum(self._slots)
+
+    def __reduce__(self):
+        if get_spawning_popen() is None:  # not starting a process (e.g. copy.deepcopy)
+            return _SharedCounter, (self.value,)
+        # Starting a spawn / forkserver worker: detectron2 pickles the mapper with cloudpickle,
+        # which would copy the memory; multiprocessing's pickler shares it.
+        return _attach_shared_slots, (bytes(ForkingPickler.dumps(self._slots)),)
+
+
+def _attach_shared_slots(pickled_slots: bytes) -> _SharedCounter:
+    """Unpickles a ``_SharedCounter`` in a started process, sharing its creator's memory."""
+    counter = _SharedCounter.__new__(_SharedCounter)
+    counter._slots = ForkingPickler.loads(pickled_slots)
+    return counter
+
+
 class DetrDatasetMapper:
     """
     Maps a detectron2 dataset dict (e.g. from ``load_coco_json``) to the model's input:
@@ -153,6 +195,10 @@ class DetrDatasetMapper:
     - "height", "width": the output resolution for ``detector_postprocess`` (the original
       size; for padded test images see the module docstring);
     - "file_name", "image_id" and the other fields of the input dict, except "annotations".
+
+    An image that cannot be read (missing, truncated, not an image, or of another size than the
+    dict says) is an error naming the file in inference; in training it is skipped with a
+    warning naming the file, and counted in ``skipped_images``.
     """
 
     def __init__(
@@ -183,6 +229,8 @@ class DetrDatasetMapper:
             else T.AugmentationList(list(augmentation_with_crop))
         )
         self.image_format = image_format
+        # Created here, before DataLoader workers start, so that they all share it.
+        self._skipped_images = _SharedCounter()
 
         mode = "training" if is_train else "inference"
         logger = logging.getLogger(__name__)
@@ -190,17 +238,35 @@ class DetrDatasetMapper:
         if self.augmentation_with_crop is not None:
             logger.info(f"[DetrDatasetMapper] Alternative with crop: {self.augmentation_with_crop}")
 
-    def __call__(self, dataset_dict: Dict) -> Dict:
+    @property
+    def skipped_images(self) -> int:
+        """Training images skipped as unreadable so far, by this process and its workers."""
+        return self._skipped_images.value
+
+    def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
         """
         Args:
             dataset_dict: one image in detectron2's dataset format; not modified.
 
         Returns:
-            the model input described in the class docstring.
+            the model input described in the class docstring; None for an unreadable image in
+            training.
         """
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
+        file_name = dataset_dict["file_name"]
+        try:
+            image = utils.read_image(file_name, format=self.image_format)
+            utils.check_image_size(dataset_dict, image)
+        except (OSError, ValueError) as e:
+            message = f"Cannot read image {file_name}: {type(e).__name__}: {e}"
+            if not self.is_train:
+                raise (OSError if isinstance(e, OSError) else ValueError)(message) from e
+            self._skipped_images.increment()
+            logging.getLogger(__name__).warning(
+                f"{message}. Skipped ({self.skipped_images} training images skipped so far)"
+            )
+            # detectron2's MapDataset maps a random other record instead (iterable: skips it).
+            return None
         original_height, original_width = image.shape[:2]
 
         augmentation = self.augmentation

@@ -37,7 +37,9 @@ Registration is cheap: the files (about 14 MB) are generated (5-10 s for both sp
 core) the first time ``DatasetCatalog.get`` loads a split, or when ``ensure_toy_dataset`` is called.
 ``COCOEvaluator`` reads ``MetadataCatalog.get(name).json_file`` when it is built, so whoever
 builds one for a toy split must call ``ensure_toy_dataset(name)`` first; the toy data config
-does so by passing ``dataset_name=L(ensure_toy_dataset)(name=...)``.
+does so by passing ``dataset_name=L(ensure_toy_dataset)(name=...)``. ``ensure_toy_dataset``
+accepts any registered dataset (it returns the name and generates only the toy ones), so the
+toy configs work with a user's own registered datasets too.
 """
 
 import functools
@@ -352,19 +354,28 @@ def _is_generated(json_file: str, expected_info: Dict) -> bool:
 
 def ensure_toy_dataset(name: str) -> str:
     """
-    Generates the files of a registered toy dataset unless they already exist (with the same
-    generation arguments). Safe to call from several processes at once.
+    Makes sure the files of a registered dataset exist before they are read: generates the
+    files of a toy dataset unless they already exist (with the same generation arguments);
+    does nothing for any other registered dataset. Safe to call from several processes at once.
 
     Args:
-        name: a registered toy dataset, e.g. "codetr_toy_val".
+        name: a dataset registered in ``DatasetCatalog``, e.g. "codetr_toy_val" or a dataset
+            registered with ``train_net.py --register-coco``.
 
     Returns:
         ``name``, so that configs can write ``dataset_name=L(ensure_toy_dataset)(name=...)``.
+
+    Raises:
+        KeyError: ``name`` is not registered (the message lists the registered datasets).
     """
-    if name not in _REGISTERED_ROOTS:
-        raise ValueError(
-            f"{name!r} is not a registered toy dataset; registered: {sorted(_REGISTERED_ROOTS)}"
+    if name not in DatasetCatalog:
+        raise KeyError(
+            f"Dataset {name!r} is not registered. Register a COCO-format dataset with "
+            f"'train_net.py --register-coco {name} JSON IMAGE_ROOT' (or detectron2's "
+            f"register_coco_instances). Registered datasets: {', '.join(sorted(DatasetCatalog))}"
         )
+    if name not in _REGISTERED_ROOTS:
+        return name
     root, spec = _REGISTERED_ROOTS[name], TOY_DATASET_SPLITS[name]
     json_file = _split_json_file(root, spec.split)
     expected_info = _generation_info(
