@@ -12,7 +12,7 @@ from unittest import mock
 import cv2
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine.train_loop import HookBase
 
 import demo
@@ -150,9 +150,41 @@ class TestTrainNet(unittest.TestCase):
         for name, shape in shapes.items():
             self.assertEqual(cv2.imread(os.path.join(output_dir, name)).shape, shape)
 
+    def test_wrong_test_dataset_fails_before_training(self):
+        output_dir = os.path.join(self.tmp, "wrong_test_set")
+        with self.assertRaisesRegex(KeyError, "'no_such_val'.*--register-coco"):
+            _run(
+                "--config-file",
+                TOY_CONFIG,
+                *_FAST,
+                f"train.output_dir={output_dir}",
+                "dataloader.test.dataset.names=no_such_val",
+            )
+        self.assertFalse([f for f in os.listdir(output_dir) if f.endswith(".pth")])
+
+    def test_own_dataset_with_the_toy_config(self):
+        # README's recipe, without overriding the evaluator's dataset: it follows the test set
+        val = MetadataCatalog.get("codetr_toy_val")
+        output_dir = os.path.join(self.tmp, "own_dataset")
+        results = _run(
+            "--config-file",
+            TOY_CONFIG,
+            "--register-coco",
+            "mine_val",
+            val.json_file,
+            val.image_root,
+            *_FAST,
+            f"train.output_dir={output_dir}",
+            "dataloader.train.dataset.names=mine_val",
+            "dataloader.test.dataset.names=mine_val",
+        )
+        self.assertIn("AP", results["bbox"])
+
     def test_bad_command_lines(self):
         with self.assertRaisesRegex(FileNotFoundError, "no_such_config.py"):
             train_net.invoke_main(["--config-file", "no_such_config.py"])
+        with self.assertRaisesRegex(ValueError, "cfg.lr_multiplier .* train.max_iter=1: Total"):
+            _run("--config-file", TOY_CONFIG, "train.max_iter=1", f"train.output_dir={self.tmp}")
         with self.assertRaisesRegex(KeyError, "train.max_iterations"):
             train_net.invoke_main(["--config-file", TOY_CONFIG, "train.max_iterations=3"])
         with self.assertRaisesRegex(ValueError, "train.init_checkpoint=PATH"):

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetFromList
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model, default_writers
 from detectron2.engine.train_loop import HookBase, TrainerBase
@@ -382,7 +383,11 @@ class LazyConfigTrainer(DefaultTrainer):
         """
         loader = copy.copy(cfg.dataloader.train)
         if dataset is not None:
-            loader.dataset = dataset
+            # what build_detection_train_loader wraps a list in; a list put into the config
+            # would become a ListConfig of DictConfigs
+            loader.dataset = (
+                DatasetFromList(dataset, copy=False) if isinstance(dataset, list) else dataset
+            )
         if mapper is not None:
             loader.mapper = mapper
         return instantiate(loader)
@@ -441,7 +446,13 @@ class LazyConfigTrainer(DefaultTrainer):
         (it need not accept 1, see :class:`_EndOfTrainingSafe`).
         """
         max_iter = cfg.train.max_iter
-        multiplier = _EndOfTrainingSafe(instantiate(cfg.lr_multiplier), max_iter=max_iter)
+        try:
+            schedule = instantiate(cfg.lr_multiplier)
+        except ValueError as e:  # fvcore's schedulers name neither the config nor max_iter
+            raise ValueError(
+                f"cfg.lr_multiplier cannot be built with train.max_iter={max_iter}: {e}"
+            ) from e
+        multiplier = _EndOfTrainingSafe(schedule, max_iter=max_iter)
         return LRMultiplier(optimizer, multiplier, max_iter)
 
     def build_hooks(self) -> List[Optional[HookBase]]:
