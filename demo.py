@@ -8,7 +8,9 @@ Draw a Co-DETR model's detections on images.
 
 The weights are those of ``train.init_checkpoint`` (set it with an override). Each input
 image is written, with its detections drawn in the names and colours of the test dataset's
-metadata (``dataloader.test.dataset.names``), to OUT_DIR under its own file name.
+metadata (``dataloader.test.dataset.names``), to OUT_DIR under its own file name. Every file
+of a folder (or that a glob matches) is an input: a file that is not an image (by its extension)
+or that cannot be read is reported by name and the others are drawn; the exit status is then 1.
 """
 
 import argparse
@@ -19,7 +21,9 @@ import sys
 from typing import List, Optional
 
 import cv2
+import numpy as np
 from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
@@ -28,7 +32,7 @@ from omegaconf import DictConfig
 import codetr.data  # noqa: F401  (registers the project's datasets and their metadata)
 from codetr.engine import LazyPredictor, flush_denormals, load_lazy_config, reuse_freed_memory
 
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 logger = logging.getLogger("codetr.demo")
 
@@ -54,26 +58,30 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def list_images(pattern: str) -> List[str]:
+def list_inputs(pattern: str) -> List[str]:
     """
-    The image files named by ``pattern``: a file, a folder (its images, sorted), or a glob.
+    The files named by ``pattern``: a file, the regular files of a folder (sorted), or the
+    files that a glob pattern matches (sorted). Those that are not images are listed too:
+    :func:`main` reports them.
 
     Raises:
-        FileNotFoundError: if it names no image.
+        FileNotFoundError: if it names no file.
     """
     if os.path.isdir(pattern):
-        paths = [
-            os.path.join(pattern, name)
-            for name in sorted(os.listdir(pattern))
-            if name.lower().endswith(_IMAGE_EXTENSIONS)
-        ]
+        paths = [os.path.join(pattern, name) for name in sorted(os.listdir(pattern))]
+        paths = [p for p in paths if os.path.isfile(p)]
     elif os.path.isfile(pattern):
         paths = [pattern]
     else:
         paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
     if not paths:
-        raise FileNotFoundError(f"--input {pattern!r} names no image")
+        raise FileNotFoundError(f"--input {pattern!r} names no file")
     return paths
+
+
+def is_image_file(path: str) -> bool:
+    """Whether ``path`` has an image file extension (:data:`IMAGE_EXTENSIONS`)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def metadata_dataset_name(cfg: DictConfig) -> str:
@@ -82,7 +90,14 @@ def metadata_dataset_name(cfg: DictConfig) -> str:
     return names if isinstance(names, str) else names[0]
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> int:
+    """
+    Draw the detections on every image of ``--input``. A file that is not an image, or an
+    image that cannot be read, is reported by name and the others are still drawn.
+
+    Returns:
+        the exit status: 0 when every input file was drawn, 1 when some failed.
+    """
     args = build_argument_parser().parse_args(argv)
     setup_logger(name="codetr")
     setup_logger()
@@ -90,19 +105,49 @@ def main(argv: Optional[List[str]] = None) -> None:
     cfg = load_lazy_config(args.config_file, args.opts)
     if not cfg.train.init_checkpoint:
         raise ValueError("No weights: give them with the override train.init_checkpoint=PATH")
-    paths = list_images(args.input)
+    paths = list_inputs(args.input)
     predictor = LazyPredictor(cfg)
     metadata = MetadataCatalog.get(metadata_dataset_name(cfg))
 
     os.makedirs(args.output, exist_ok=True)
+    drawn, failed = 0, []
     with reuse_freed_memory():
         for path in paths:
-            draw_predictions(predictor, metadata, path, args)
+            if not is_image_file(path):
+                logger.error(f"skipped: not an image: {path}")
+                failed.append(path)
+                continue
+            image = read_input_image(path)
+            if image is None:
+                failed.append(path)
+                continue
+            draw_predictions(predictor, metadata, path, image, args)
+            drawn += 1
+    summary = f"{drawn} drawn, {len(failed)} failed"
+    if failed:
+        logger.error(f"{summary}: {', '.join(failed)}")
+        return 1
+    logger.info(summary)
+    return 0
 
 
-def draw_predictions(predictor: LazyPredictor, metadata, path: str, args) -> None:
-    """Predicts the image at ``path`` and writes the drawing into ``args.output``."""
-    image = read_image(path, format="BGR")
+def read_input_image(path: str) -> Optional[np.ndarray]:
+    """The image at ``path`` in BGR order; None, reported with the reason, if unreadable."""
+    try:
+        return read_image(path, format="BGR")
+    except Exception as e:  # the decoders raise many kinds on a corrupt or truncated file
+        logger.error(f"skipped: cannot read the image {path}: {type(e).__name__}: {e}")
+        return None
+
+
+def draw_predictions(
+    predictor: LazyPredictor,
+    metadata: Metadata,
+    path: str,
+    image: np.ndarray,
+    args: argparse.Namespace,
+) -> None:
+    """Predicts ``image`` (BGR), read from ``path``, and writes the drawing into ``args.output``."""
     instances = predictor(image).to("cpu")
     instances = instances[instances.scores >= args.confidence_threshold]
     visualizer = Visualizer(image[:, :, ::-1], metadata)
@@ -113,4 +158,4 @@ def draw_predictions(predictor: LazyPredictor, metadata, path: str, args) -> Non
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))  # pragma: no cover

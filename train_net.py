@@ -39,6 +39,7 @@ from codetr.engine import (
     LazyConfigTrainer,
     flush_denormals,
     load_lazy_config,
+    min_loaded_shares,
     reuse_freed_memory,
 )
 
@@ -69,7 +70,7 @@ def main(args) -> Optional[Dict[str, Any]]:
     if args.eval_only:
         model = LazyConfigTrainer.build_model(cfg)
         model = LazyConfigTrainer.build_ddp_model(cfg, model)
-        AtomicCheckpointer(model, cfg.train.output_dir).resume_or_load(
+        AtomicCheckpointer(model, cfg.train.output_dir, **min_loaded_shares(cfg)).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume
         )
         with reuse_freed_memory():

@@ -6,6 +6,8 @@ run, metrics.json after a crash, the limit on unreadable training images.
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -104,6 +106,22 @@ class TestStopAndResume(unittest.TestCase):
     def test_sigterm_saves_the_iteration_and_resumes_exactly(self):
         self.setUpSignals()
         self._check_signal(signal.SIGTERM)
+
+    def test_stale_temporary_files_are_removed_at_start(self):
+        finished = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dead_pid = int(finished.stdout)
+        stale = os.path.join(self.tmp, f".model_0000001.pth.{dead_pid}.tmp")
+        live = os.path.join(self.tmp, f".model_0000001.pth.{os.getpid()}.tmp")
+        for path in (stale, live):
+            open(path, "wb").close()
+        LazyConfigTrainer(tiny_config(self.tmp))
+        self.assertFalse(os.path.exists(stale))
+        self.assertTrue(os.path.exists(live))
 
     def test_resume_of_a_finished_run(self):
         _, output_dir = self._straight()

@@ -1,5 +1,6 @@
 """Conversion of external checkpoints (the authors' Co-DETR models, torchvision ResNets) to our
-parameter names."""
+parameter names, and reading of pickled weight files without running code."""
+
 from .inference import TRAINING_ONLY_PREFIXES, inference_state_dict, is_training_only
 from .official import (
     ConversionReport,
@@ -13,6 +14,7 @@ from .resnet import (
     is_torchvision_resnet_state_dict,
     torchvision_resnet_key,
 )
+from .safe_pickle import ALLOWED_PICKLE_GLOBALS, UnsafePickleError, load_pickle_weights
 from .swin import convert_official_swin, is_official_swin_state_dict, swin_key
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

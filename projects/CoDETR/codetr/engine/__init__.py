@@ -2,7 +2,12 @@
 Training, evaluation and inference driven by LazyConfigs.
 """
 
-from .checkpointer import AtomicCheckpointer, atomic_write
+from .checkpointer import (
+    AtomicCheckpointer,
+    CheckpointMismatchError,
+    atomic_write,
+    min_loaded_shares,
+)
 from .cpu_runtime import flush_denormals, reuse_freed_memory
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping, lr_factor
@@ -21,6 +26,7 @@ from .trainer import (
 
 __all__ = [
     "AtomicCheckpointer",
+    "CheckpointMismatchError",
     "DeviceAMPTrainer",
     "LazyConfigTrainer",
     "LazyPredictor",
@@ -37,6 +43,7 @@ __all__ = [
     "inference_precision",
     "load_lazy_config",
     "lr_factor",
+    "min_loaded_shares",
     "reuse_freed_memory",
     "train_device",
 ]

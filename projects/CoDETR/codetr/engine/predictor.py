@@ -8,13 +8,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable, instantiate
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import Instances
 from omegaconf import DictConfig
 
+from .checkpointer import AtomicCheckpointer, min_loaded_shares
 from .trainer import autocast_to, inference_precision, train_device
 
 __all__ = ["LazyPredictor"]
@@ -32,9 +32,11 @@ class LazyPredictor:
     requested size is that of the whole padded canvas at the original scale.
 
     Build it from a config, ``LazyPredictor(cfg)``: the model of ``cfg.model`` on
-    ``cfg.train.device`` with the weights of ``cfg.train.init_checkpoint``, the
-    augmentations of ``cfg.dataloader.test.mapper`` (its ``augmentation`` or, for
-    detectron2's ``DatasetMapper``, ``augmentations``) and the autocast precision of
+    ``cfg.train.device`` with the weights of ``cfg.train.init_checkpoint`` (read by an
+    :class:`AtomicCheckpointer`, which checks that they fill the share of the model's tensors
+    of ``cfg.train.init_checkpoint_min_loaded``), the augmentations of
+    ``cfg.dataloader.test.mapper`` (its ``augmentation`` or, for detectron2's
+    ``DatasetMapper``, ``augmentations``) and the autocast precision of
     ``cfg.train.inference_amp``; or from parts, ``LazyPredictor(model=..., augmentations=[...])``.
     """
 
@@ -70,7 +72,7 @@ class LazyPredictor:
         model = instantiate(cfg.model).to(train_device(cfg))
         weights = cfg.train.init_checkpoint
         if weights:
-            DetectionCheckpointer(model).load(weights)
+            AtomicCheckpointer(model, **min_loaded_shares(cfg)).load(weights)
         else:
             logger.warning("cfg.train.init_checkpoint is empty: the model has random weights.")
         mapper = cfg.dataloader.test.mapper

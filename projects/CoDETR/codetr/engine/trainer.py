@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import codetr.data  # noqa: F401  (registers the project's datasets)
 
-from .checkpointer import AtomicCheckpointer
+from .checkpointer import AtomicCheckpointer, min_loaded_shares
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping
 
@@ -345,8 +345,10 @@ class LazyConfigTrainer(DefaultTrainer):
         self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(
-            model, cfg.train.output_dir, trainer=weakref.proxy(self)
+            model, cfg.train.output_dir, trainer=weakref.proxy(self), **min_loaded_shares(cfg)
         )
+        if comm.is_main_process():
+            self.checkpointer.remove_stale_temporary_files()
         self.start_iter = 0
         self.max_iter = cfg.train.max_iter
         self._last_eval_results: Optional[Dict[str, Any]] = None
