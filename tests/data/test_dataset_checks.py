@@ -10,7 +10,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from codetr.data import load_checked_dataset_dicts
+from codetr.data import load_checked_dataset_dicts, thing_class_count
 
 _LOGGER = "codetr.data.dataset_checks"
 _NAME_IDS = itertools.count()
@@ -84,6 +84,12 @@ class TestLoadCheckedDatasetDicts(unittest.TestCase):
         self.assertIn(repr(name), message)
         self.assertIn(json_file, message)
         self.assertIn("line 2 column 12", message)
+
+    def test_malformed_json_when_counting_classes(self):
+        # train_net.py reads the class count of the training set before building the loaders
+        name, json_file = self._register('{"images": [], "annotations": [],}')
+        with self.assertRaisesRegex(ValueError, f"{json_file} is not valid json: .* line 1 column"):
+            thing_class_count(name)
 
     def test_json_without_images_or_not_a_dict(self):
         for content in ("[]", json.dumps({"annotations": []})):

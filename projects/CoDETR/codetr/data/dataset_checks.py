@@ -16,10 +16,11 @@ The json is parsed only to explain a failure of detectron2's loader, so a valid 
 read once. Files given as URIs (e.g. "s3://...") are not checked.
 """
 
+import contextlib
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from detectron2.structures import BoxMode
 
 from .toy_dataset import ensure_toy_dataset
 
-__all__ = ["MISSING_IMAGES_MODES", "load_checked_dataset_dicts"]
+__all__ = ["MISSING_IMAGES_MODES", "explained_json_errors", "load_checked_dataset_dicts"]
 
 MISSING_IMAGES_MODES = ("error", "drop")
 
@@ -63,6 +64,22 @@ def _explain_json_failure(name: str, json_file: str, *, is_train: bool) -> None:
         )
     if is_train and "annotations" not in content:
         raise ValueError(f'{prefix} has no "annotations" key: a training set needs boxes')
+
+
+@contextlib.contextmanager
+def explained_json_errors(name: str, *, is_train: bool) -> Iterator[None]:
+    """
+    Around code that loads the registered dataset ``name`` (``DatasetCatalog.get``): when it
+    fails, raise instead an error that says what is wrong with the dataset's COCO json, if it
+    is one of the problems :func:`_explain_json_failure` recognises.
+    """
+    json_file = MetadataCatalog.get(name).get("json_file")
+    try:
+        yield
+    except Exception:
+        if json_file and not _is_uri(json_file):
+            _explain_json_failure(name, json_file, is_train=is_train)
+        raise
 
 
 def _check_annotations_present(
@@ -148,12 +165,8 @@ def _load_one(name: str, *, is_train: bool, filter_empty: bool, missing_images: 
     """Loads and checks one dataset (see ``load_checked_dataset_dicts``)."""
     ensure_toy_dataset(name)  # an unregistered name: KeyError with the registered ones
     json_file = MetadataCatalog.get(name).get("json_file")
-    try:
+    with explained_json_errors(name, is_train=is_train):
         dicts = get_detection_dataset_dicts(name, filter_empty=filter_empty)
-    except Exception:
-        if json_file and not _is_uri(json_file):
-            _explain_json_failure(name, json_file, is_train=is_train)
-        raise
     if not isinstance(dicts, list):
         raise TypeError(
             f"Dataset {name!r} is a {type(dicts).__name__}, not a list of dicts: use detectron2's "

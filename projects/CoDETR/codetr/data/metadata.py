@@ -5,6 +5,8 @@ import logging
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from omegaconf import DictConfig, ListConfig
 
+from .dataset_checks import explained_json_errors
+
 __all__ = ["thing_class_count", "sync_num_classes"]
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,8 @@ def thing_class_count(dataset_name: str) -> int:
         )
     metadata = MetadataCatalog.get(dataset_name)
     if "thing_classes" not in metadata.as_dict():
-        DatasetCatalog.get(dataset_name)
+        with explained_json_errors(dataset_name, is_train=False):
+            DatasetCatalog.get(dataset_name)
     if "thing_classes" not in metadata.as_dict():
         raise ValueError(f"Dataset {dataset_name!r} has no thing_classes in its metadata")
     return len(metadata.thing_classes)
