@@ -45,7 +45,11 @@ PROBES = {
     "version = os.path.join(sysconfig.get_paths()['include'], 'Python.h')\n"
     "assert os.path.isfile(version), f'{version} does not exist'",
     "detectron2": "import detectron2; version = detectron2.__version__",
-    "project": "import codetr, fvcore, iopath, scipy, pycocotools, cv2; version = ''",
+    # run in the repository root: the codetr found must be this checkout's (editable install)
+    "project": "import os, codetr, fvcore, iopath, scipy, pycocotools, cv2; version = ''\n"
+    "where = os.path.realpath(os.path.dirname(codetr.__file__))\n"
+    "assert where.startswith(os.path.realpath(os.getcwd()) + os.sep), "
+    "f'codetr is imported from {where}, not from this checkout'",
     "test_extras": "import pytest, timm; version = ''",
     "pip": "import pip; version = pip.__version__",
 }
@@ -299,7 +303,8 @@ def install_project(*, installer: Installer, probed: Probed, with_test_extras: b
         print(f"{step.tag}: already installed, skipping")
         return
     target = ".[test]" if with_test_extras else "."
-    print(f"{step.tag}: installing {target} (editable) from {REPO_ROOT}")
+    reasons = "; ".join(probed[name][1] for name in names if not probed[name][0])
+    print(f"{step.tag}: installing {target} (editable) from {REPO_ROOT} ({reasons})")
     installer.pip_install(step=step, args=["--no-build-isolation", "-e", target], hint=PROJECT_HINT)
     installer.verify(step=step, names=names, hint=PROJECT_HINT)
 

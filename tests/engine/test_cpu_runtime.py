@@ -1,4 +1,5 @@
 """The process-wide CPU settings of the entry points."""
+
 import subprocess
 import sys
 import unittest

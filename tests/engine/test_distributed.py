@@ -29,7 +29,7 @@ from detectron2.utils import comm
 
 from codetr.engine import LazyConfigTrainer
 
-from .test_trainer import TinyDetector, _records, tiny_config
+from .test_trainer import TinyDetector, _records, tiny_config, write_config_file
 
 _REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 _NUM_RECORDS = 16
@@ -111,14 +111,11 @@ class TestDistributedCPU(unittest.TestCase):
     def test_two_machines_of_one_process(self):
         output_dir = os.path.join(self._tmp.name, "machines")
         os.makedirs(output_dir)
-        config = os.path.join(output_dir, "config.py")
-        with open(config, "w") as f:
-            f.write(
-                "from tests.engine.test_distributed import same_batches_config\n"
-                f"_cfg = same_batches_config({output_dir!r})\n"
-                "model, optimizer, train = _cfg.model, _cfg.optimizer, _cfg.train\n"
-                "lr_multiplier, dataloader = _cfg.lr_multiplier, _cfg.dataloader\n"
-            )
+        config = write_config_file(
+            os.path.join(output_dir, "config.py"),
+            "tests.engine.test_distributed.same_batches_config",
+            output_dir,
+        )
         url = f"tcp://127.0.0.1:{_free_port()}"
         machines = [
             subprocess.Popen(

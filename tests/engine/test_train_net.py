@@ -19,6 +19,8 @@ import demo
 import train_net
 from codetr.engine import LazyConfigTrainer
 
+from .test_trainer import write_config_file
+
 _REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TOY_CONFIG = os.path.join(_REPO, "configs", "toy", "dino_toy.py")
 
@@ -194,14 +196,9 @@ class TestTrainNet(unittest.TestCase):
 class TestMultiProcessCPU(unittest.TestCase):
     def test_two_gloo_processes(self):
         with tempfile.TemporaryDirectory() as tmp:
-            config = os.path.join(tmp, "tiny.py")
-            with open(config, "w") as f:
-                f.write(
-                    "from tests.engine.test_trainer import tiny_config\n"
-                    f"_cfg = tiny_config({tmp!r})\n"
-                    "model, optimizer, train = _cfg.model, _cfg.optimizer, _cfg.train\n"
-                    "lr_multiplier, dataloader = _cfg.lr_multiplier, _cfg.dataloader\n"
-                )
+            config = write_config_file(
+                os.path.join(tmp, "tiny.py"), "tests.engine.test_trainer.tiny_config", tmp
+            )
             train_net.invoke_main(
                 [
                     "--config-file",

@@ -134,6 +134,22 @@ def tiny_config(output_dir: str, **train_overrides):
     )
 
 
+def write_config_file(path: str, builder: str, output_dir: str) -> str:
+    """
+    Writes a LazyConfig file at ``path`` whose config is ``builder(output_dir)``, ``builder``
+    being "module.function" (e.g. "tests.engine.test_trainer.tiny_config"), for train_net.py.
+    """
+    module, _, function = builder.rpartition(".")
+    with open(path, "w") as f:
+        f.write(
+            f"from {module} import {function}\n"
+            f"_cfg = {function}({output_dir!r})\n"
+            "model, optimizer, train = _cfg.model, _cfg.optimizer, _cfg.train\n"
+            "lr_multiplier, dataloader = _cfg.lr_multiplier, _cfg.dataloader\n"
+        )
+    return path
+
+
 class _CrashAt(HookBase):
     def __init__(self, iteration: int):
         self.iteration = iteration

@@ -33,6 +33,8 @@ def stub(name, version="1.0"):
     os.makedirs(os.path.join(SITE, name), exist_ok=True)
     with open(os.path.join(SITE, name, "__init__.py"), "w") as f:
         f.write(f"__version__ = {{version!r}}\\n")
+        if name == "codetr":  # an editable install of the checkout it is imported from
+            f.write({editable!r})
 
 def setuptools(version):
     for name, v in (("setuptools", version), ("pkg_resources", version), ("wheel", "0.45.1")):
@@ -69,6 +71,9 @@ env = dict(os.environ, PYTHONPATH=SITE)
 os.execve(sys.executable, [sys.executable, "-S", *args], env)
 """
 
+# what a stub codetr appends to say it is the editable install of the checkout the probe runs in
+EDITABLE_CODETR = "import os\n__file__ = os.path.join(os.getcwd(), 'projects', 'CoDETR', 'codetr', '__init__.py')\n"
+
 TORCH = {"torch": "2.14.1", "torchvision": "0.29.1"}
 BUILD_TOOLS = {"setuptools": "80.9.0", "pkg_resources": "80.9.0", "wheel": "0.45.1"}
 PROJECT = dict.fromkeys(("codetr", "fvcore", "iopath", "scipy", "pycocotools", "cv2"), "1.0")
@@ -94,7 +99,7 @@ class TestInstallPrerequisites(unittest.TestCase):
         self.log = os.path.join(self.tmp, "pip.log")
         self.python = os.path.join(self.tmp, "python")
         with open(self.python, "w") as f:
-            f.write(FAKE_PYTHON.format(python=sys.executable))
+            f.write(FAKE_PYTHON.format(python=sys.executable, editable=EDITABLE_CODETR))
         os.chmod(self.python, 0o755)
 
     def _install(self, modules):
@@ -102,6 +107,8 @@ class TestInstallPrerequisites(unittest.TestCase):
             os.makedirs(os.path.join(self.site, name))
             with open(os.path.join(self.site, name, "__init__.py"), "w") as f:
                 f.write(f"__version__ = {version!r}\n")
+                if name == "codetr" and version != "another checkout":
+                    f.write(EDITABLE_CODETR)
 
     def _tools(self, *names):
         for name in names:
@@ -185,6 +192,13 @@ class TestInstallPrerequisites(unittest.TestCase):
         self.assertEqual(out.count("skipping"), 4)
         self.assertIn("already installed (torch 2.14.1, torchvision 0.29.1), skipping", out)
         self.assertIn("[3/4] detectron2: already installed (0.6), skipping", out)
+
+    def test_project_installed_from_another_checkout_is_installed_from_this_one(self):
+        installed = {**ALL, **PIP, "codetr": "another checkout"}
+        status, out, err, calls = self._run("--with-test-extras", installed=installed, tools=())
+        self.assertEqual(status, 0, err)
+        self.assertEqual(calls, [["install", "--no-build-isolation", "-e", ".[test]"]])
+        self.assertIn("not from this checkout", out)
 
     def test_setuptools_too_new_for_pkg_resources_is_replaced(self):
         installed = {**ALL, **PIP, "setuptools": "84.0.0", "pkg_resources": "84.0.0"}
