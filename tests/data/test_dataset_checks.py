@@ -155,6 +155,22 @@ class TestLoadCheckedDatasetDicts(unittest.TestCase):
         self.assertIn(f"3 of the 5 images of dataset {name!r} are missing", logs.output[0])
         self.assertIn("These images are dropped", logs.output[0])
 
+    def test_test_images_that_cannot_be_opened(self):
+        file_names = self._write_images(4)
+        empty, text = (os.path.join(self.image_root, file_names[i]) for i in (1, 3))
+        open(empty, "wb").close()
+        with open(text, "w") as f:
+            f.write("not an image")
+        name, _ = self._register(self._coco(file_names))
+        with self.assertRaises(OSError) as cm:
+            load_checked_dataset_dicts(name, is_train=False)
+        message = str(cm.exception)
+        self.assertIn(f"2 of the 4 images of test dataset {name!r} cannot be opened", message)
+        self.assertIn(f"{empty} (UnidentifiedImageError)", message)
+        self.assertIn(f"{text} (UnidentifiedImageError)", message)
+        # training sets are not opened at start: the mapper skips such images
+        self.assertEqual(len(load_checked_dataset_dicts(name, is_train=True)), 4)
+
     def test_many_missing_images_list_the_first_five(self):
         file_names = [f"{i:03d}.jpg" for i in range(7)]  # none written
         name, _ = self._register(self._coco(file_names))
