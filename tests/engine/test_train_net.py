@@ -168,17 +168,19 @@ class TestTrainNet(unittest.TestCase):
         # README's recipe, without overriding the evaluator's dataset: it follows the test set
         val = MetadataCatalog.get("codetr_toy_val")
         output_dir = os.path.join(self.tmp, "own_dataset")
+        self.addCleanup(DatasetCatalog.remove, "own_toy_val")
+        self.addCleanup(MetadataCatalog.remove, "own_toy_val")
         results = _run(
             "--config-file",
             TOY_CONFIG,
             "--register-coco",
-            "mine_val",
+            "own_toy_val",
             val.json_file,
             val.image_root,
             *_FAST,
             f"train.output_dir={output_dir}",
-            "dataloader.train.dataset.names=mine_val",
-            "dataloader.test.dataset.names=mine_val",
+            "dataloader.train.dataset.names=own_toy_val",
+            "dataloader.test.dataset.names=own_toy_val",
         )
         self.assertIn("AP", results["bbox"])
 
