@@ -126,11 +126,10 @@ def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictCon
     defaults = {}
     for override in overrides:
         key = _check_override_key(cfg, override, config_file)
-        defaults[override] = OmegaConf.select(cfg, key, default=None)
+        defaults[override] = (key, OmegaConf.select(cfg, key, default=None))
     cfg = LazyConfig.apply_overrides(cfg, list(overrides))
-    for override, default in defaults.items():
-        key = override.partition("=")[0].lstrip("+")
-        _check_override_type(override, default, OmegaConf.select(cfg, key, default=None))
+    for override, (key, default) in defaults.items():
+        _check_override_type(override, key, default, OmegaConf.select(cfg, key, default=None))
     return cfg
 
 
@@ -159,7 +158,7 @@ def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> str
     )
 
 
-def _check_override_type(override: str, default: Any, value: Any) -> None:
+def _check_override_type(override: str, key: str, default: Any, value: Any) -> None:
     """
     Raises TypeError when an override gives a number or boolean field of the config a value
     of another type (``train.max_iter=abc``, ``train.amp.enabled=yes``), which would otherwise
@@ -180,7 +179,7 @@ def _check_override_type(override: str, default: Any, value: Any) -> None:
         return
     if not accepted:
         raise TypeError(
-            f"Override {override!r}: {override.partition('=')[0].lstrip('+')} expects "
+            f"Override {override!r}: {key} expects "
             f"{expected} (the config has {default!r}), got {type(value).__name__} {value!r}"
         )
 
