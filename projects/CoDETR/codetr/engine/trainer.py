@@ -466,7 +466,7 @@ class LazyConfigTrainer(DefaultTrainer):
         """
         cfg = self.cfg
         is_main = comm.is_main_process()
-        skipped_images = getattr(self.train_mapper, "skipped_images", None)
+        counts_skipped_images = hasattr(self.train_mapper, "skipped_images")
 
         def test_and_save_results() -> Dict[str, Any]:
             self._last_eval_results = self.test(cfg, self.model)
@@ -492,7 +492,7 @@ class LazyConfigTrainer(DefaultTrainer):
                     max_fraction=cfg.train.max_skipped_image_fraction,
                     stop=self._stop,
                 )
-                if skipped_images is not None
+                if counts_skipped_images
                 else None
             ),
             (
