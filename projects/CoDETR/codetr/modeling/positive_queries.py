@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from codetr.layers import box_sine_embedding, box_xyxy_to_cxcywh, inverse_sigmoid
 
 from .aux_heads.base import AssignedCoords
+from .random_draws import random_draws
 from .query_heads.base import ExtraQueries
 
 __all__ = ["PositiveQueryBuilder", "DINOPositiveQueryBuilder", "DeformablePositiveQueryBuilder"]
@@ -73,15 +74,21 @@ class PositiveQueryBuilder(nn.Module):
         random negatives (drawn with replacement only when there are too few)."""
         positive = torch.nonzero(labels < self.num_classes).squeeze(1)
         negative = torch.nonzero(labels >= self.num_classes).squeeze(1)
+        draws, device = random_draws(), labels.device
         if len(positive) > count:
-            return positive[torch.randperm(len(positive), device=labels.device)[:count]]
+            return positive[
+                draws.permutation("positive_queries.positive", len(positive), device)[:count]
+            ]
         shortfall = count - len(positive)
         if shortfall == 0:
             return positive
         if len(negative) >= shortfall:
-            fill = negative[torch.randperm(len(negative), device=labels.device)[:shortfall]]
+            order = draws.permutation("positive_queries.negative", len(negative), device)
+            fill = negative[order[:shortfall]]
         elif len(negative) > 0:
-            fill = negative[torch.randint(len(negative), (shortfall,), device=labels.device)]
+            fill = negative[
+                draws.integers("positive_queries.negative", len(negative), (shortfall,), device)
+            ]
         else:
             raise ValueError(
                 "An auxiliary head assigned no background entry to an image, so its positive "
@@ -137,6 +144,7 @@ class PositiveQueryBuilder(nn.Module):
             query_pos=query_pos,
             target_labels=torch.stack(target_labels),
             target_boxes=torch.stack(target_boxes),
+            box_normalizers=box_normalizers,
         )
 
     def box_embedding(self, boxes: Tensor) -> Tensor:

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from codetr.layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
+from ..random_draws import random_draws
+
 __all__ = ["DenoisingQueries", "ContrastiveDenoising"]
 
 
@@ -79,7 +81,9 @@ class ContrastiveDenoising(nn.Module):
     ) -> DenoisingQueries:
         """
         Args:
-            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh}.
+            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh (the
+                targets), "query_boxes": (n, 4) the same, rounded as the queries' boxes; see
+                :meth:`CoDETR.normalized_targets`}.
             num_matching_queries: Q, the number of queries decoded after the denoising ones.
         """
         device = self.label_embedding.weight.device
@@ -94,19 +98,24 @@ class ContrastiveDenoising(nn.Module):
         boxes = torch.cat([t["boxes"] for t in targets])
         # every gt appears once as positive and once as negative in each group
         noised_labels = labels.repeat(2 * num_groups)
-        noised_boxes = boxes.repeat(2 * num_groups, 1)
+        noised_boxes = torch.cat([t["query_boxes"] for t in targets]).repeat(2 * num_groups, 1)
         is_negative = torch.arange(2 * num_groups, device=device).repeat_interleave(len(labels))
         is_negative = is_negative % 2 == 1
 
+        draws = random_draws()
         if self.label_noise_ratio > 0:
-            flip = torch.rand(noised_labels.shape, device=device) < self.label_noise_ratio * 0.5
-            random_labels = torch.randint_like(noised_labels, 0, self.num_classes)
-            noised_labels = torch.where(flip, random_labels, noised_labels)
+            p = draws.uniform("denoising.label_flip", noised_labels.shape, device)
+            flipped = torch.nonzero(p < self.label_noise_ratio * 0.5).squeeze(1)
+            noised_labels = noised_labels.clone()
+            noised_labels[flipped] = draws.integers(
+                "denoising.label", self.num_classes, flipped.shape, device
+            )
         if self.box_noise_scale > 0:
             corners = box_cxcywh_to_xyxy(noised_boxes)
             half_wh = noised_boxes[:, 2:].repeat(1, 2) / 2
-            sign = torch.randint_like(noised_boxes, 0, 2) * 2.0 - 1.0
-            magnitude = torch.rand_like(noised_boxes) + is_negative[:, None].float()
+            sign = draws.integers("denoising.box_sign", 2, noised_boxes.shape, device) * 2.0 - 1.0
+            magnitude = draws.uniform("denoising.box_shift", noised_boxes.shape, device)
+            magnitude = magnitude + is_negative[:, None].float()
             corners = corners + sign * magnitude * half_wh * self.box_noise_scale
             noised_boxes = box_xyxy_to_cxcywh(corners.clamp(0.0, 1.0))
 
