@@ -38,6 +38,20 @@ def model():
     return instantiate(_tiny_config())
 
 
+def _target(labels, boxes, size=(640.0, 480.0)):
+    """A target dict as made by ``CoDETR.normalized_targets``: ``boxes`` (normalised cxcywh)
+    also serve as "query_boxes", of an image of ``size`` (w, h) pixels."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    width, height = size
+    return {
+        "labels": labels,
+        "boxes": boxes,
+        "query_boxes": boxes.clone(),
+        "box_normalizer": torch.tensor([width, height, width, height]),
+    }
+
+
 def _encode(model, batched_inputs):
     images = model.preprocess_image(batched_inputs)
     features = model.neck(model.backbone(images.tensor))
@@ -94,11 +108,12 @@ def test_training_step_losses_names_and_gradients(model):
 def test_encoder_loss_is_the_set_loss_with_binary_labels(model):
     model.eval()
     inputs = synthetic_batch(**TWO_IMAGES_ONE_EMPTY)
+    # the images' (w, h): 64 x 64 and 56 x 48
     targets = [
-        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.5]] * 2)},
-        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+        _target([1, 4], [[0.3, 0.3, 0.4, 0.5]] * 2, (64.0, 64.0)),
+        _target([], [], (56.0, 48.0)),
     ]
-    binary = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
+    binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
     with torch.no_grad():
         memory = _encode(model, inputs)
         losses = model.query_head.losses(memory, targets)

@@ -61,6 +61,12 @@ def _dense(boxes, labels, target_boxes):
     )
 
 
+def _pixels(batch_size, size=(640.0, 480.0)):
+    """(B, 4) box normalisers (w, h, w, h) of B images of ``size`` (w, h) pixels."""
+    width, height = size
+    return torch.tensor([[width, height, width, height]]).expand(batch_size, 4)
+
+
 class TestDetectionLoss(unittest.TestCase):
     def test_focal_hand_computed(self):
         logits = torch.tensor([[[1.5, -0.5], [0.2, -2.0]]])
@@ -80,8 +86,8 @@ class TestDetectionLoss(unittest.TestCase):
 
         total = focal(1.5, 0) + focal(-0.5, 1) + focal(0.2, 0) + focal(-2.0, 0)
         criterion = DetectionLoss(num_classes=2, class_loss="focal", class_weight=2.0)
-        losses = criterion(logits, boxes, labels, target_boxes, num_positives=1.0,
-                           class_normalizer=3.0)
+        losses = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
+                           num_positives=1.0, class_normalizer=3.0)
         torch.testing.assert_close(losses["loss_class"], torch.tensor(total / 3.0 * 2.0))
         torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.0))
         torch.testing.assert_close(losses["loss_giou"], torch.tensor(0.0), atol=1e-6, rtol=0)
@@ -98,17 +104,38 @@ class TestDetectionLoss(unittest.TestCase):
         logits = torch.zeros(1, 3, 3)
         criterion = DetectionLoss(num_classes=3, class_loss="focal", class_weight=2.0)
         # the class normaliser does not touch the box losses
-        losses = criterion(logits, boxes, labels, target_boxes, num_positives=4.0,
-                           class_normalizer=7.0)
+        losses = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
+                           num_positives=4.0, class_normalizer=7.0)
         giou_sum = (1 - 1 / 3) + (1 + 0.06 / 0.14)
         torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.6 / 4.0 * 5.0))
         torch.testing.assert_close(losses["loss_giou"], torch.tensor(giou_sum / 4.0 * 2.0))
 
         weighted = DetectionLoss(
             num_classes=3, class_loss="focal", class_weight=2.0, l1_weight=1.0, giou_weight=3.0
-        )(logits, boxes, labels, target_boxes, num_positives=2.0)
+        )(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1), num_positives=2.0)
         torch.testing.assert_close(weighted["loss_bbox"], torch.tensor(0.6 / 2.0))
         torch.testing.assert_close(weighted["loss_giou"], torch.tensor(giou_sum / 2.0 * 3.0))
+
+    def test_giou_does_not_depend_on_the_image_sizes(self):
+        # the hand case above in two images of different sizes and aspect ratios: the boxes are
+        # scaled back to pixels per image and axis, which leaves every (G)IoU unchanged
+        boxes, labels, target_boxes = _dense(
+            [[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]],
+            [0, 1],
+            [[0.6, 0.5, 0.2, 0.2], [0.7, 0.2, 0.2, 0.2]],
+        )
+        boxes, target_boxes = boxes.repeat(2, 1, 1), target_boxes.repeat(2, 1, 1)
+        labels = labels.repeat(2, 1)
+        criterion = DetectionLoss(num_classes=3, class_loss="focal", class_weight=2.0)
+        giou_sum = 2 * ((1 - 1 / 3) + (1 + 0.06 / 0.14))
+        for normalizers in (
+            _pixels(2),
+            torch.tensor([[640.0, 480.0, 640.0, 480.0], [37.0, 1000.0, 37.0, 1000.0]]),
+            torch.ones(2, 4),
+        ):
+            losses = criterion(torch.zeros(2, 2, 3), boxes, labels, target_boxes,
+                               box_normalizers=normalizers, num_positives=4.0)
+            torch.testing.assert_close(losses["loss_giou"], torch.tensor(giou_sum / 4.0 * 2.0))
 
     def test_quality_focal_uses_detached_iou(self):
         # IoU = 0.01 / 0.07 = 1/7 while GIoU = 1/7 - 0.02/0.09
@@ -120,8 +147,8 @@ class TestDetectionLoss(unittest.TestCase):
         boxes.requires_grad_(True)
         logits = torch.tensor([[[0.4, -0.3], [1.0, 0.0]]], requires_grad=True)
         criterion = DetectionLoss(num_classes=2, class_loss="quality_focal", class_weight=1.0)
-        losses = criterion(logits, boxes, labels, target_boxes, num_positives=2.0,
-                           class_normalizer=5.0)
+        losses = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
+                           num_positives=2.0, class_normalizer=5.0)
         expected = quality_focal_loss(
             logits.detach()[0], labels[0], torch.tensor([1 / 7, 0.0])
         ).sum() / 5.0
@@ -135,9 +162,10 @@ class TestDetectionLoss(unittest.TestCase):
             [[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]], [0, 2], [[0.5, 0.5, 0.2, 0.2]] * 2
         )
         criterion = DetectionLoss(num_classes=2, class_loss="quality_focal", class_weight=3.0)
-        default = criterion(logits, boxes, labels, target_boxes, num_positives=2.5)
-        explicit = criterion(logits, boxes, labels, target_boxes, num_positives=1.0,
-                             class_normalizer=2.5)
+        default = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
+                            num_positives=2.5)
+        explicit = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
+                             num_positives=1.0, class_normalizer=2.5)
         torch.testing.assert_close(default["loss_class"], explicit["loss_class"])
 
     def test_all_background(self):
@@ -148,7 +176,8 @@ class TestDetectionLoss(unittest.TestCase):
         target_boxes = torch.zeros(2, 4, 4)
         for class_loss in ("quality_focal", "focal"):
             criterion = DetectionLoss(num_classes=3, class_loss=class_loss, class_weight=1.0)
-            losses = criterion(logits, boxes, labels, target_boxes, num_positives=1.0)
+            losses = criterion(logits, boxes, labels, target_boxes,
+                               box_normalizers=_pixels(2), num_positives=1.0)
             self.assertTrue(torch.isfinite(losses["loss_class"]))
             self.assertGreater(losses["loss_class"].item(), 0.0)
             self.assertEqual(losses["loss_bbox"].item(), 0.0)
@@ -165,10 +194,10 @@ class TestDetectionLoss(unittest.TestCase):
         criterion = DetectionLoss(num_classes=2, class_loss="focal", class_weight=1.0)
         with self.assertRaisesRegex(ValueError, "logits"):
             criterion(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), torch.zeros(1, 2).long(),
-                      torch.zeros(1, 2, 4), num_positives=1.0)
+                      torch.zeros(1, 2, 4), box_normalizers=_pixels(1), num_positives=1.0)
         with self.assertRaisesRegex(ValueError, "target_labels"):
             criterion(torch.zeros(1, 2, 2), torch.zeros(1, 2, 4), torch.zeros(2).long(),
-                      torch.zeros(1, 2, 4), num_positives=1.0)
+                      torch.zeros(1, 2, 4), box_normalizers=_pixels(1), num_positives=1.0)
 
 
 class TestHungarianTargets(unittest.TestCase):

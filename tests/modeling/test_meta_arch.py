@@ -185,11 +185,34 @@ def test_normalized_targets_hand_case():
     ]
     normalizers = torch.tensor([[100.0, 50.0, 100.0, 50.0], [40.0, 40.0, 40.0, 40.0]])
     targets = CoDETR.normalized_targets(gt, normalizers)
+    assert [set(t) for t in targets] == [{"labels", "boxes", "query_boxes", "box_normalizer"}] * 2
     assert targets[0]["labels"].tolist() == [3, 0]
-    torch.testing.assert_close(
-        targets[0]["boxes"], torch.tensor([[0.2, 0.3, 0.2, 0.4], [0.5, 0.5, 1.0, 1.0]])
+    expected = torch.tensor([[0.2, 0.3, 0.2, 0.4], [0.5, 0.5, 1.0, 1.0]])
+    torch.testing.assert_close(targets[0]["boxes"], expected)
+    torch.testing.assert_close(targets[0]["query_boxes"], expected)
+    # the same boxes, rounded in two orders: the loss targets are normalised, then converted
+    # to cxcywh; the denoising queries' boxes converted, then normalised. In float32 the two
+    # differ here (the first box's width: 30 / 100 - 10 / 100 is not 20 / 100)
+    xyxy = gt[0].gt_boxes.tensor
+    cx, cy = (xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2
+    w, h = xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]
+    n = normalizers[0]
+    normalised_first = torch.stack(
+        [
+            (xyxy[:, 0] / n[0] + xyxy[:, 2] / n[2]) / 2,
+            (xyxy[:, 1] / n[1] + xyxy[:, 3] / n[3]) / 2,
+            xyxy[:, 2] / n[2] - xyxy[:, 0] / n[0],
+            xyxy[:, 3] / n[3] - xyxy[:, 1] / n[1],
+        ],
+        -1,
     )
+    assert torch.equal(targets[0]["boxes"], normalised_first)
+    assert torch.equal(targets[0]["query_boxes"], torch.stack([cx, cy, w, h], -1) / n)
+    assert not torch.equal(targets[0]["boxes"], targets[0]["query_boxes"])
+    for target, normalizer in zip(targets, normalizers):
+        assert torch.equal(target["box_normalizer"], normalizer)
     assert targets[1]["labels"].shape == (0,) and targets[1]["boxes"].shape == (0, 4)
+    assert targets[1]["query_boxes"].shape == (0, 4)
 
 
 # ------------------------------------------------------------------------------ auxiliary heads

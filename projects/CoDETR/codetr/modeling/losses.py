@@ -54,9 +54,9 @@ __all__ = [
     "hungarian_targets",
 ]
 
-# Added to the union and enclosing area of the GIoU loss on normalised boxes. The authors add
-# 1e-6 to areas in pixels; 1e-12 of a normalised area is that order for a ~1e6-pixel image.
-_GIOU_EPS = 1e-12
+# Added to the union and enclosing area of the GIoU loss (boxes in pixels). The authors bound
+# those areas from below by 1e-6 instead; the two differ only for boxes of near-zero area.
+_GIOU_EPS = 1e-6
 # Lower bound of the union in the IoU quality target, as in the authors' code, which computes
 # that IoU on normalised boxes.
 _QUALITY_IOU_EPS = 1e-6
@@ -171,6 +171,7 @@ class DetectionLoss(nn.Module):
         target_labels: torch.Tensor,
         target_boxes: torch.Tensor,
         *,
+        box_normalizers: torch.Tensor,
         num_positives: float,
         class_normalizer: Optional[float] = None,
     ) -> Dict[str, torch.Tensor]:
@@ -181,6 +182,10 @@ class DetectionLoss(nn.Module):
             target_labels: (B, Q) int64 labels in [0, K]; K means background.
             target_boxes: (B, Q, 4) target boxes, normalised (cx, cy, w, h); ignored where
                 the label is background.
+            box_normalizers: (B, 4) per image (w, h, w, h) that ``boxes`` are normalised by:
+                the GIoU loss is computed on boxes scaled back to pixels, as in the authors'
+                code (the same value; scaling moves where rounding makes coordinates tie, and
+                a tie decides which side of a min / max gets the gradient).
             num_positives: normaliser of the box losses, already averaged across workers
                 and clamped (:func:`average_across_workers`).
             class_normalizer: normaliser of the class loss; defaults to ``num_positives``.
@@ -198,6 +203,11 @@ class DetectionLoss(nn.Module):
                 f"boxes and target_boxes must have shape ({batch_queries[0]}, "
                 f"{batch_queries[1]}, 4), got {tuple(boxes.shape)} and "
                 f"{tuple(target_boxes.shape)}"
+            )
+        if box_normalizers.shape != (batch_queries[0], 4):
+            raise ValueError(
+                f"box_normalizers must have shape ({batch_queries[0]}, 4), "
+                f"got {tuple(box_normalizers.shape)}"
             )
         if target_labels.shape != batch_queries:
             raise ValueError(
@@ -233,8 +243,10 @@ class DetectionLoss(nn.Module):
             )
 
         l1_loss = (boxes[positive] - target_boxes[positive]).abs().sum()
+        pixels = box_normalizers.float()[:, None].expand(*batch_queries, 4).flatten(0, 1)
+        pixels = pixels[positive]
         giou_loss = generalized_box_iou_loss(
-            positive_boxes, positive_target_boxes, reduction="sum", eps=_GIOU_EPS
+            positive_boxes * pixels, positive_target_boxes * pixels, reduction="sum", eps=_GIOU_EPS
         )
         return {
             "loss_class": class_loss / class_normalizer * self.class_weight,

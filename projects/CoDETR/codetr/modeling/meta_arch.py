@@ -151,11 +151,20 @@ class CoDETR(nn.Module):
     def normalized_targets(
         gt_instances: List[Instances], box_normalizers: Tensor
     ) -> List[Dict[str, Tensor]]:
-        """Per image {"labels": (n,), "boxes": (n, 4) normalised cxcywh}."""
+        """
+        Per image {"labels": (n,), "boxes": (n, 4) normalised cxcywh, "query_boxes": the same
+        boxes converted to cxcywh before they are normalised, "box_normalizer": (4,) the
+        image's (w, h, w, h)}. The authors' code takes the
+        denoising queries' boxes in the second order and every loss target in the first; the
+        two differ by rounding only, but that rounding decides the sign of the L1 / IoU
+        gradients where a prediction equals its target (denoising without box noise).
+        """
         return [
             {
                 "labels": gt.gt_classes,
                 "boxes": box_xyxy_to_cxcywh(gt.gt_boxes.tensor / normalizer),
+                "query_boxes": box_xyxy_to_cxcywh(gt.gt_boxes.tensor) / normalizer,
+                "box_normalizer": normalizer,
             }
             for gt, normalizer in zip(gt_instances, box_normalizers)
         ]

@@ -22,6 +22,7 @@ class attribute ``kind`` ("one-stage" or "two-stage") and a method
 
 Auxiliary heads know nothing of the query heads; they meet only in the meta-architecture.
 """
+
 from dataclasses import dataclass
 from typing import Optional
 

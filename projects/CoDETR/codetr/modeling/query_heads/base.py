@@ -43,6 +43,7 @@ class ExtraQueries:
             the reference boxes (DINO).
         target_labels: (B, N) int64, num_classes for background.
         target_boxes: (B, N, 4) normalised cxcywh (ignored for background).
+        box_normalizers: (B, 4) per image (w, h, w, h) the boxes are normalised by.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class ExtraQueries:
         reference_boxes: Tensor,
         target_labels: Tensor,
         target_boxes: Tensor,
+        box_normalizers: Tensor,
         query_pos: Optional[Tensor] = None,
     ):
         self.content = content
@@ -59,6 +61,7 @@ class ExtraQueries:
         self.query_pos = query_pos
         self.target_labels = target_labels
         self.target_boxes = target_boxes
+        self.box_normalizers = box_normalizers
 
 
 class QueryHeadBase(nn.Module):
@@ -188,15 +191,35 @@ class QueryHeadBase(nn.Module):
             self.matcher, logits.detach(), boxes.detach(), targets, self.num_classes
         )
         num_positives = average_across_workers(num_matched, logits.device)
-        return self.loss(logits, boxes, target_labels, target_boxes, num_positives=num_positives)
+        return self.loss(
+            logits,
+            boxes,
+            target_labels,
+            target_boxes,
+            box_normalizers=torch.stack([t["box_normalizer"] for t in targets]),
+            num_positives=num_positives,
+        )
 
     def _fixed_target_losses(
-        self, logits: Tensor, boxes: Tensor, target_labels: Tensor, target_boxes: Tensor
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        target_labels: Tensor,
+        target_boxes: Tensor,
+        box_normalizers: Tensor,
     ) -> Dict[str, Tensor]:
-        """Detection losses against given per-query targets (B, Q) / (B, Q, 4)."""
+        """Detection losses against given per-query targets (B, Q) / (B, Q, 4); images of
+        (B, 4) ``box_normalizers``."""
         num_positives = int((target_labels < self.num_classes).sum())
         num_positives = average_across_workers(num_positives, logits.device)
-        return self.loss(logits, boxes, target_labels, target_boxes, num_positives=num_positives)
+        return self.loss(
+            logits,
+            boxes,
+            target_labels,
+            target_boxes,
+            box_normalizers=box_normalizers,
+            num_positives=num_positives,
+        )
 
     @staticmethod
     def _name_layer_losses(
@@ -245,7 +268,11 @@ class QueryHeadBase(nn.Module):
         per_layer = []
         for layer_logits, layer_boxes in zip(logits, boxes):
             losses = self._fixed_target_losses(
-                layer_logits, layer_boxes, queries.target_labels, queries.target_boxes
+                layer_logits,
+                layer_boxes,
+                queries.target_labels,
+                queries.target_boxes,
+                queries.box_normalizers,
             )
             per_layer.append({k: v * weight for k, v in losses.items()})
         return self._name_layer_losses(per_layer, suffix=suffix)

@@ -90,13 +90,12 @@ class DeformableDETRHead(QueryHeadBase):
         """
         Args:
             memory: the encoder memory.
-            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh}.
+            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh,
+                "query_boxes", "box_normalizer"}: see :meth:`CoDETR.normalized_targets`.
         Returns:
             ``loss_*`` / ``d{i}.loss_*`` (decoder layers) and ``enc_loss_*`` (every encoder
             proposal, matched to the ground truth as class 0: object / not object).
         """
         outputs = self.decode(memory)
-        binary_targets = [
-            {"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets
-        ]
+        binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
         return self._matched_losses(outputs, targets, encoder_targets=binary_targets)

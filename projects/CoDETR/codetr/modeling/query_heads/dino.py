@@ -99,7 +99,8 @@ class DINOHead(QueryHeadBase):
         """
         Args:
             memory: the encoder memory.
-            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh}.
+            targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh,
+                "query_boxes", "box_normalizer"}: see :meth:`CoDETR.normalized_targets`.
         Returns:
             ``loss_*`` / ``d{i}.loss_*`` (decoder layers), ``enc_loss_*`` (encoder
             proposals), ``dn_loss_*`` / ``d{i}.dn_loss_*`` (denoising groups).
@@ -110,8 +111,11 @@ class DINOHead(QueryHeadBase):
         outputs = self.decode(memory, denoising)
         losses = self._matched_losses(outputs, targets, encoder_targets=targets)
         if denoising is not None:
+            box_normalizers = torch.stack([t["box_normalizer"] for t in targets])
             per_layer = [
-                self._fixed_target_losses(l, b, denoising.target_labels, denoising.target_boxes)
+                self._fixed_target_losses(
+                    l, b, denoising.target_labels, denoising.target_boxes, box_normalizers
+                )
                 for l, b in zip(outputs["dn_logits"], outputs["dn_boxes"])
             ]
             losses.update(self._name_layer_losses(per_layer, prefix="dn_"))
