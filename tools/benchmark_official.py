@@ -21,8 +21,8 @@ needs, all listed in the output under ``"substitutions"``:
   this model calls: ``nms`` and ``roi_align`` (torchvision's kernels) and ``softnms`` (this
   project's bit-exact :func:`codetr.layers.batched_soft_nms`). Deformable attention on CPU is
   mmcv's own pure-PyTorch function, as in the authors' code.
-* without a GPU, ``Tensor.cuda()`` returns the tensor unchanged: the authors' positive-query
-  sampling calls it unconditionally.
+* without a GPU, ``Tensor.cuda()`` returns the tensor unchanged and ``Tensor.to("cuda")`` stays
+  on the CPU: the authors' positive-query sampling and denoising call them unconditionally.
 * images are given to the model normalised (mmdet normalises in the data pipeline).
 
 Times are medians after warm-up and peak memory the process's resident set, measured as in
@@ -154,6 +154,18 @@ class _CompiledOps(types.ModuleType):
         )
 
 
+def _to_without_cuda(to):
+    """``Tensor.to`` with a device string ``"cuda..."`` read as the CPU."""
+
+    def to_cpu_for_cuda(self, *args, **kwargs):
+        args = tuple("cpu" if isinstance(a, str) and a.startswith("cuda") else a for a in args)
+        if isinstance(kwargs.get("device"), str) and kwargs["device"].startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return to(self, *args, **kwargs)
+
+    return to_cpu_for_cuda
+
+
 def import_authors_code(args: argparse.Namespace) -> List[str]:
     """Puts mmcv and Co-DETR on the path with the stand-ins; returns the substitutions made."""
     sys.path[:0] = [args.mmcv_root, args.codetr_root]
@@ -163,7 +175,11 @@ def import_authors_code(args: argparse.Namespace) -> List[str]:
     ]
     if not torch.cuda.is_available():
         torch.Tensor.cuda = lambda self, *args, **kwargs: self
-        substitutions.append("Tensor.cuda() returns the tensor unchanged (no GPU)")
+        torch.Tensor.to = _to_without_cuda(torch.Tensor.to)
+        substitutions.append(
+            "Tensor.cuda() returns the tensor unchanged and Tensor.to('cuda') stays on the CPU "
+            "(no GPU)"
+        )
     import projects.models  # noqa: F401  (registers the authors' modules with mmdet)
 
     return substitutions
