@@ -38,6 +38,7 @@ import torch
 
 # tools/benchmark_official.py, beside this file
 from benchmark_official import import_authors_code
+from codetr.checkpoint import load_official_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARITY_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference", "official_parity")
@@ -281,7 +282,9 @@ def authors_parameter_name(name: str) -> str:
     return name.replace("T.", "query_head.transformer.", 1).replace("Q.", "query_head.", 1)
 
 
-def training_step(model_name: str, setup: str, args: argparse.Namespace) -> Dict:
+def training_step(
+    model_name: str, setup: str, images_bgr: List[torch.Tensor], args: argparse.Namespace
+) -> Dict:
     from mmcv import ConfigDict
     from mmdet.models import build_detector
 
@@ -292,19 +295,16 @@ def training_step(model_name: str, setup: str, args: argparse.Namespace) -> Dict
         # the stored config is the one as built, after the generator's builder took its type
         config["query_head"]["dn_cfg"].setdefault("type", "CdnQueryGenerator")
     model = build_detector(ConfigDict(config))
-    checkpoint = torch.load(
-        os.path.join(args.parity_dir, f"{model_name}_official_layout.pth"), weights_only=False
+    checkpoint = load_official_checkpoint(
+        os.path.join(args.parity_dir, f"{model_name}_official_layout.pth")
     )
-    state_dict = edited_state_dict(checkpoint["state_dict"], renamed, dropped)
+    state_dict = edited_state_dict(checkpoint, renamed, dropped)
     model.load_state_dict(state_dict, strict=True)
     if setup == "no_denoising":
         model.query_head.dn_generator = _no_denoising_queries
     model.train()
 
-    outputs = torch.load(
-        os.path.join(args.parity_dir, f"{model_name}_official_outputs.pt"), weights_only=False
-    )
-    batch = authors_batch(outputs["images_bgr"])
+    batch = authors_batch(images_bgr)
     torch.manual_seed(args.seed)
     with recorded_draws() as draws:
         losses = model.forward_train(**batch)
@@ -331,8 +331,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     import_authors_code(args)
     torch.use_deterministic_algorithms(True)
+    # both models' outputs hold the same two images
+    images_bgr = torch.load(
+        os.path.join(args.parity_dir, f"{MODELS[0]}_official_outputs.pt"), weights_only=True
+    )["images_bgr"]
     reference = {
-        "images": None,
+        "images": list(images_bgr),
         "gt_boxes": [torch.tensor(boxes) for boxes, _ in GROUND_TRUTH],
         "gt_labels": [torch.tensor(labels) for _, labels in GROUND_TRUTH],
         "models": {},
@@ -341,17 +345,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         for setup in args.setups:
             if model_name not in SETUPS[setup][0]:
                 continue
-            step = training_step(model_name, setup, args)
+            step = training_step(model_name, setup, images_bgr, args)
             reference["models"].setdefault(model_name, {})[setup] = step
             print(
                 f"{model_name} {setup}: total {step['total']:.6f}, "
                 f"{len(step['losses'])} losses, {len(step['gradients'])} gradients, "
                 f"{len(step['draws'])} draws"
             )
-    outputs = torch.load(
-        os.path.join(args.parity_dir, f"{MODELS[0]}_official_outputs.pt"), weights_only=False
-    )
-    reference["images"] = list(outputs["images_bgr"])
     torch.save(reference, args.output)
     return 0
 
