@@ -12,7 +12,7 @@ from codetr.layers import box_sine_embedding
 from codetr.modeling import DeformableDETRHead, DeformablePositiveQueryBuilder
 from codetr.modeling.aux_heads.base import AssignedCoords
 
-from .tiny_models import synthetic_batch
+from .tiny_models import normalized_target, synthetic_batch
 from ..parity.common import TINY_CO_DEFORMABLE_DETR_CONFIG
 
 NUM_CLASSES = 5
@@ -36,20 +36,6 @@ def _tiny_config():
 def model():
     torch.manual_seed(0)
     return instantiate(_tiny_config())
-
-
-def _target(labels, boxes, size=(640.0, 480.0)):
-    """A target dict as made by ``CoDETR.normalized_targets``: ``boxes`` (normalised cxcywh)
-    also serve as "query_boxes", of an image of ``size`` (w, h) pixels."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    width, height = size
-    return {
-        "labels": labels,
-        "boxes": boxes,
-        "query_boxes": boxes.clone(),
-        "box_normalizer": torch.tensor([width, height, width, height]),
-    }
 
 
 def _encode(model, batched_inputs):
@@ -110,8 +96,8 @@ def test_encoder_loss_is_the_set_loss_with_binary_labels(model):
     inputs = synthetic_batch(**TWO_IMAGES_ONE_EMPTY)
     # the images' (w, h): 64 x 64 and 56 x 48
     targets = [
-        _target([1, 4], [[0.3, 0.3, 0.4, 0.5]] * 2, (64.0, 64.0)),
-        _target([], [], (56.0, 48.0)),
+        normalized_target([1, 4], [[0.3, 0.3, 0.4, 0.5]] * 2, (64.0, 64.0)),
+        normalized_target([], [], (56.0, 48.0)),
     ]
     binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
     with torch.no_grad():

@@ -5,6 +5,8 @@ from codetr.layers import box_cxcywh_to_xyxy
 from codetr.modeling.random_draws import RandomDraws, random_draws_from
 from codetr.modeling.transformer import ContrastiveDenoising
 
+from .tiny_models import normalized_target
+
 NUM_CLASSES = 5
 EMBED_DIM = 8
 NUM_MATCHING = 4
@@ -17,21 +19,6 @@ def _denoising(**kwargs):
     return ContrastiveDenoising(**args)
 
 
-def _target(labels, boxes, size=(640.0, 480.0)):
-    """A target dict as made by ``CoDETR.normalized_targets``: ``boxes`` (normalised cxcywh)
-    are both the loss targets and the boxes the queries are built from ("query_boxes"), of an
-    image of ``size`` (w, h) pixels."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    width, height = size
-    return {
-        "labels": labels,
-        "boxes": boxes,
-        "query_boxes": boxes.clone(),
-        "box_normalizer": torch.tensor([width, height, width, height]),
-    }
-
-
 def _targets(counts, seed=0):
     """Per image ``counts[i]`` objects with distinct labels and small boxes well inside the
     image (so that noise never needs clamping)."""
@@ -41,7 +28,7 @@ def _targets(counts, seed=0):
         centres = torch.rand(count, 2, generator=generator) * 0.4 + 0.3
         sizes = torch.rand(count, 2, generator=generator) * 0.05 + 0.05
         labels = torch.arange(count) % NUM_CLASSES
-        targets.append(_target(labels, torch.cat([centres, sizes], -1)))
+        targets.append(normalized_target(labels, torch.cat([centres, sizes], -1)))
     return targets
 
 
@@ -86,8 +73,8 @@ def test_slot_layout_and_targets_without_noise():
     # image 0 has 2 objects, image 1 has 1: max_gts = 2, 3 groups of 4 slots
     denoising = _denoising(label_noise_ratio=0.0, box_noise_scale=0.0)
     targets = [
-        _target([3, 1], [[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.1, 0.3]]),
-        _target([4], [[0.5, 0.5, 0.4, 0.2]]),
+        normalized_target([3, 1], [[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.1, 0.3]]),
+        normalized_target([4], [[0.5, 0.5, 0.4, 0.2]]),
     ]
     queries = denoising(targets, NUM_MATCHING)
     assert queries.num_queries == 12
@@ -124,7 +111,7 @@ def test_queries_from_query_boxes_targets_from_boxes():
     # the two differ by rounding only in the model (CoDETR.normalized_targets); here they
     # differ visibly, so that each output shows which one it was made from
     denoising = _denoising(label_noise_ratio=0.0, box_noise_scale=0.0)
-    target = _target([3, 1], [[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.1, 0.3]])
+    target = normalized_target([3, 1], [[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.1, 0.3]])
     target["query_boxes"] = target["boxes"] + torch.tensor([0.02, -0.01, 0.01, 0.02])
     queries = denoising([target], NUM_MATCHING)
     num_groups = 6 // 2
@@ -159,7 +146,7 @@ def test_random_draws_labels_only_for_flipped_entries():
     # group 0 negatives, group 1 positives, group 1 negatives), which is also the slot order
     denoising = _denoising(num_dn_queries=4, label_noise_ratio=0.5, box_noise_scale=1.0)
     boxes = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.1, 0.3]])
-    target = _target([3, 1], boxes)
+    target = normalized_target([3, 1], boxes)
     draws = _ScriptedDraws(
         {
             # flipped where < 0.5 / 2: entries 0, 3 and 6
@@ -307,7 +294,7 @@ def test_box_noise_bounds():
 def test_box_noise_scale_and_clamping():
     torch.manual_seed(0)
     denoising = _denoising(num_dn_queries=100, label_noise_ratio=0.0, box_noise_scale=0.5)
-    target = _target([2], [[0.5, 0.5, 0.2, 0.2]])
+    target = normalized_target([2], [[0.5, 0.5, 0.2, 0.2]])
     queries = denoising([target], NUM_MATCHING)
     ((displacement, valid, _),) = _corner_displacement(
         queries.reference_boxes, [target], num_groups=100, max_gts=1
@@ -317,7 +304,7 @@ def test_box_noise_scale_and_clamping():
     assert negatives.min() > 0.5 - 1e-3 and negatives.max() < 1 + 1e-3
 
     # a box touching the border: noised corners are clamped to [0, 1]
-    border = _target([0], [[0.1, 0.9, 0.2, 0.2]])
+    border = normalized_target([0], [[0.1, 0.9, 0.2, 0.2]])
     queries = _denoising(num_dn_queries=100, label_noise_ratio=0.0)([border], NUM_MATCHING)
     corners = box_cxcywh_to_xyxy(queries.reference_boxes[0])
     assert corners.min() > -1e-3 and corners.max() < 1 + 1e-3

@@ -12,6 +12,7 @@ from .tiny_models import (
     NUM_CLASSES,
     NUM_QUERIES,
     build_tiny_dino,
+    normalized_target,
     synthetic_batch,
 )
 
@@ -104,20 +105,6 @@ def test_training_step_without_any_object(model):
     assert losses["loss_class"] > 0  # every query is pushed towards background
 
 
-def _target(labels, boxes, size=(640.0, 480.0)):
-    """A target dict as made by ``CoDETR.normalized_targets``: ``boxes`` (normalised cxcywh)
-    also serve as "query_boxes", of an image of ``size`` (w, h) pixels."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    width, height = size
-    return {
-        "labels": labels,
-        "boxes": boxes,
-        "query_boxes": boxes.clone(),
-        "box_normalizer": torch.tensor([width, height, width, height]),
-    }
-
-
 def _encode(model, batched_inputs):
     images = model.preprocess_image(batched_inputs)
     features = model.neck(model.backbone(images.tensor))
@@ -148,8 +135,8 @@ def test_matching_queries_do_not_depend_on_denoising_queries(model):
     head = model.query_head
     # the images' (w, h): 64 x 64 and 56 x 48
     targets = [
-        _target([1, 2], [[0.3, 0.3, 0.2, 0.4], [0.6, 0.5, 0.3, 0.3]], (64.0, 64.0)),
-        _target([4], [[0.2, 0.2, 0.3, 0.3]], (56.0, 48.0)),
+        normalized_target([1, 2], [[0.3, 0.3, 0.2, 0.4], [0.6, 0.5, 0.3, 0.3]], (64.0, 64.0)),
+        normalized_target([4], [[0.2, 0.2, 0.3, 0.3]], (56.0, 48.0)),
     ]
     with torch.no_grad():
         memory = _encode(model, synthetic_batch(**TWO_IMAGES))

@@ -26,6 +26,7 @@ __all__ = [
     "tiny_dino_config",
     "build_tiny_dino",
     "make_instances",
+    "normalized_target",
     "synthetic_batch",
 ]
 
@@ -144,3 +145,18 @@ def synthetic_batch(
             }
         )
     return inputs
+
+
+def normalized_target(labels, boxes, size=(640.0, 480.0)) -> Dict[str, torch.Tensor]:
+    """A target dict as made by ``CoDETR.normalized_targets``: ``boxes`` (normalised cxcywh)
+    are both the loss targets and the boxes the queries are built from ("query_boxes"), of an
+    image of ``size`` (w, h) pixels."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    width, height = size
+    return {
+        "labels": labels,
+        "boxes": boxes,
+        "query_boxes": boxes.clone(),
+        "box_normalizer": torch.tensor([width, height, width, height]),
+    }
