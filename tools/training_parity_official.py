@@ -3,10 +3,14 @@
 Record what one training step of the authors' Co-DETR code computes on the tiny parity models of
 ``shared/reference/official_parity``: every loss term, the total, the gradients of a fixed set
 of parameters and every random number drawn, so that ``tests/parity/test_training_parity.py``
-can replay the step on our model. Regenerate the fixture with
+can replay the step on our model; and, with ``--curve-output``, a training curve for
+``tests/parity/test_training_curve.py`` and ``tools/training_curve_parity.py``. Regenerate the
+fixtures with
 
     python tools/training_parity_official.py --codetr-root /path/to/Co-DETR \
         --mmcv-root /path/to/src --output tests/parity/training_reference.pt
+    python tools/training_parity_official.py --codetr-root /path/to/Co-DETR \
+        --mmcv-root /path/to/src --curve-output tests/parity/training_curve_reference.pt
 
 (``--codetr-root`` / ``--mmcv-root`` as in ``tools/benchmark_official.py``, whose harness this
 uses: the authors' code from source, mmcv 1.7.0 without compiled ops, the CPU stand-ins listed
@@ -22,7 +26,20 @@ The fixture, one dict (``torch.load(..., weights_only=True)``):
 ``{"images": [(H, W, 3) uint8 BGR], "gt_boxes": [(n, 4) float xyxy pixels], "gt_labels":
 [(n,) int64], "models": {model: {setup: {"losses": {name: float}, "total": float,
 "gradients": {authors' parameter name: Tensor}, "draws": [{"callers": innermost
-first, the first with its line, "function", "value"}], "renamed": {old prefix: new prefix}, "dropped": [prefix]}}}}``.
+first, the first with its line, "function", "value"}], "proposals": [(P, 5) RPN proposals and
+scores per image, as the RoI head got them; none without it], "renamed": {old prefix: new prefix}, "dropped": [prefix]}}}}``.
+
+The training curve: :data:`CURVE_MODEL` with all heads (:data:`CURVE_SETUP`), ``--curve-steps``
+(30) steps of plain SGD (``torch.optim.SGD`` over the parameters that require gradients,
+learning rate ``--curve-lr``, momentum 0, weight decay 0, no gradient clipping) on the batch
+above every step, torch seeded with ``--seed`` once before the first step. The learning rate,
+:data:`CURVE_LR` = 1e-4, was chosen from 1e-4, 3e-4 and 1e-3 on this run: with 1e-4 the total
+falls steadily over all 30 steps (155.7 to 94.9); with 3e-4 it is down to 89 by step 13 and
+then only wanders (82.5 to 88), so that the second half of the curve trains little; with 1e-3
+it jumps back up (83.2 to 94.1 at step 7) and oscillates around 88. Its fixture:
+``{"images", "gt_boxes", "gt_labels"`` as above, ``"model", "setup", "lr", "seed", "trained":
+[the authors' names of the parameters SGD updates], "steps": [{"losses", "total", "draws",
+"proposals"} as above, of the step, before its update]}``.
 """
 
 import argparse
@@ -41,8 +58,15 @@ from benchmark_official import import_authors_code
 from codetr.checkpoint import load_official_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the set-ups' checkpoint edits are shared with the tests that replay them (tests/parity)
+sys.path.insert(0, REPO_ROOT)
+from tests.parity import edited_state_dict  # noqa: E402
 PARITY_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference", "official_parity")
 MODELS = ("tiny_co_dino_5scale_r50_1x_coco", "tiny_co_deformable_detr_r50_1x_coco")
+# the training curve: this model and set-up, SGD with this learning rate
+CURVE_MODEL = MODELS[0]
+CURVE_SETUP = "all_heads"
+CURVE_LR = 1e-4
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, as the parity README
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -171,8 +195,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--codetr-root", required=True, metavar="DIR")
     parser.add_argument("--mmcv-root", required=True, metavar="DIR")
     parser.add_argument("--parity-dir", default=PARITY_DIR, metavar="DIR")
-    parser.add_argument("--output", required=True, metavar="FILE")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed before each step")
+    parser.add_argument("--output", metavar="FILE", help="the one-step fixture")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="torch seed before each step (before the curve's run)"
+    )
+    parser.add_argument("--curve-output", metavar="FILE", help="the training-curve fixture")
+    parser.add_argument("--curve-steps", type=int, default=30, metavar="N")
+    parser.add_argument("--curve-lr", type=float, default=CURVE_LR, metavar="LR")
     parser.add_argument(
         "--all-gradients",
         action="store_true",
@@ -180,22 +209,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    return parser.parse_args(argv)
-
-
-def edited_state_dict(
-    state_dict: Dict[str, torch.Tensor], renamed: Dict[str, str], dropped: List[str]
-) -> Dict[str, torch.Tensor]:
-    """``state_dict`` without the keys under ``dropped``, then with ``renamed`` prefixes."""
-    kept = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in dropped)}
-    edited = {}
-    for key, value in kept.items():
-        for old, new in renamed.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        edited[key] = value
-    return edited
+    args = parser.parse_args(argv)
+    if not (args.output or args.curve_output):
+        parser.error("nothing to record: give --output, --curve-output or both")
+    return args
 
 
 _RANDOM_FUNCTIONS = (
@@ -248,8 +265,33 @@ def recorded_draws() -> Iterator[List[Dict]]:
             setattr(torch, name, function)
 
 
+@contextmanager
+def recorded_proposals(model) -> Iterator[List[torch.Tensor]]:
+    """The RPN proposals the authors' RoI head receives: per image (P, 5) boxes and score,
+    in their order (the test replays the order of proposals whose scores tie)."""
+    proposals: List[torch.Tensor] = []
+    heads = [head for head in (getattr(model, "roi_head", None) or []) if head is not None]
+    if not heads:
+        yield proposals
+        return
+    head = heads[0]
+    forward_train = head.forward_train
+
+    def recording(x, img_metas, proposal_list, *args, **kwargs):
+        proposals.extend(p.detach().clone() for p in proposal_list)
+        return forward_train(x, img_metas, proposal_list, *args, **kwargs)
+
+    head.forward_train = recording
+    try:
+        yield proposals
+    finally:
+        del head.forward_train
+
+
 def authors_batch(images_bgr: List[torch.Tensor]) -> Dict:
-    """mmdet's training inputs: RGB, normalised, zero-padded at the bottom / right."""
+    """mmdet's training inputs: RGB, normalised, zero-padded at the bottom / right. Each
+    image's ``pad_shape`` is its own size, as after the authors' ``Pad(size_divisor=1)``; the
+    anchor heads' valid flags come from it."""
     height = max(image.shape[0] for image in images_bgr)
     width = max(image.shape[1] for image in images_bgr)
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
@@ -263,7 +305,7 @@ def authors_batch(images_bgr: List[torch.Tensor]) -> Dict:
             dict(
                 img_shape=(h, w, 3),
                 ori_shape=(h, w, 3),
-                pad_shape=(height, width, 3),
+                pad_shape=(h, w, 3),
                 batch_input_shape=(height, width),
                 scale_factor=torch.ones(4).numpy(),
                 flip=False,
@@ -282,49 +324,96 @@ def authors_parameter_name(name: str) -> str:
     return name.replace("T.", "query_head.transformer.", 1).replace("Q.", "query_head.", 1)
 
 
-def training_step(
-    model_name: str, setup: str, images_bgr: List[torch.Tensor], args: argparse.Namespace
-) -> Dict:
+def authors_model(*, model_name: str, setup: str, parity_dir: str) -> torch.nn.Module:
+    """The authors' detector of ``setup`` with the parity weights, in training mode."""
     from mmcv import ConfigDict
     from mmdet.models import build_detector
 
     _, edit, renamed, dropped = SETUPS[setup]
-    with open(os.path.join(args.parity_dir, f"{model_name}_model_config.json")) as f:
+    with open(os.path.join(parity_dir, f"{model_name}_model_config.json")) as f:
         config = edit(copy.deepcopy(json.load(f)))
     if config["query_head"].get("dn_cfg"):
         # the stored config is the one as built, after the generator's builder took its type
         config["query_head"]["dn_cfg"].setdefault("type", "CdnQueryGenerator")
     model = build_detector(ConfigDict(config))
     checkpoint = load_official_checkpoint(
-        os.path.join(args.parity_dir, f"{model_name}_official_layout.pth")
+        os.path.join(parity_dir, f"{model_name}_official_layout.pth")
     )
-    state_dict = edited_state_dict(checkpoint, renamed, dropped)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(edited_state_dict(checkpoint, renamed, dropped), strict=True)
     if setup == "no_denoising":
         model.query_head.dn_generator = _no_denoising_queries
-    model.train()
+    return model.train()
 
-    batch = authors_batch(images_bgr)
-    torch.manual_seed(args.seed)
-    with recorded_draws() as draws:
-        losses = model.forward_train(**batch)
+
+def step_record(
+    *,
+    model: torch.nn.Module,
+    losses: Dict[str, torch.Tensor],
+    draws: List[Dict],
+    proposals: List[torch.Tensor],
+) -> Dict:
+    """Backward of the total of ``losses`` (``model.forward_train``'s), and what a step records:
+    the loss terms, the total, the forward pass's random draws and RoI-head proposals (the
+    gradients stay on the parameters)."""
     total, log_vars = model._parse_losses(losses)
     total.backward()
+    return {
+        # "loss" is _parse_losses' total, recorded as "total"
+        "losses": {k: float(v) for k, v in log_vars.items() if "loss" in k and k != "loss"},
+        "total": float(total),
+        "draws": draws,
+        "proposals": proposals,
+    }
+
+
+def training_step(
+    model_name: str, setup: str, images_bgr: List[torch.Tensor], args: argparse.Namespace
+) -> Dict:
+    model = authors_model(model_name=model_name, setup=setup, parity_dir=args.parity_dir)
+    torch.manual_seed(args.seed)
+    # forward_train is called here, not in a helper: each draw records its callers, and those of
+    # the fixture are kept as they are
+    with recorded_draws() as draws, recorded_proposals(model) as proposals:
+        losses = model.forward_train(**authors_batch(images_bgr))
+    step = step_record(model=model, losses=losses, draws=draws, proposals=proposals)
     parameters = dict(model.named_parameters())
     if args.all_gradients:
         names = [n for n, p in parameters.items() if p.grad is not None]
     else:
         names = [authors_parameter_name(n) for n in RECORDED_PARAMETERS]
         names = [n for n in names if n in parameters and parameters[n].grad is not None]
+    _, _, renamed, dropped = SETUPS[setup]
     return {
-        # "loss" is _parse_losses' total, recorded as "total"
-        "losses": {k: float(v) for k, v in log_vars.items() if "loss" in k and k != "loss"},
-        "total": float(total),
+        "losses": step["losses"],
+        "total": step["total"],
         "gradients": {n: parameters[n].grad.detach().clone() for n in names},
-        "draws": draws,
+        "draws": step["draws"],
+        "proposals": step["proposals"],
         "renamed": renamed,
         "dropped": dropped,
     }
+
+
+def training_curve(
+    *, images_bgr: List[torch.Tensor], steps: int, lr: float, seed: int, parity_dir: str
+) -> Dict:
+    """``steps`` SGD steps of the authors' :data:`CURVE_MODEL` (:data:`CURVE_SETUP`) on the
+    same batch: the names of the parameters it trains, and per step what
+    :func:`step_record` records, before the step's update."""
+    model = authors_model(model_name=CURVE_MODEL, setup=CURVE_SETUP, parity_dir=parity_dir)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # plain SGD (momentum 0, weight decay 0, no clipping); parameters without a gradient in a
+    # step (modules the losses do not reach) are skipped by torch's SGD
+    optimizer = torch.optim.SGD([p for _, p in trained], lr=lr)
+    torch.manual_seed(seed)
+    records = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with recorded_draws() as draws, recorded_proposals(model) as proposals:
+            losses = model.forward_train(**authors_batch(images_bgr))
+        records.append(step_record(model=model, losses=losses, draws=draws, proposals=proposals))
+        optimizer.step()
+    return {"trained": [n for n, _ in trained], "steps": records}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -335,24 +424,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     images_bgr = torch.load(
         os.path.join(args.parity_dir, f"{MODELS[0]}_official_outputs.pt"), weights_only=True
     )["images_bgr"]
-    reference = {
+    batch = {
         "images": list(images_bgr),
         "gt_boxes": [torch.tensor(boxes) for boxes, _ in GROUND_TRUTH],
         "gt_labels": [torch.tensor(labels) for _, labels in GROUND_TRUTH],
-        "models": {},
     }
-    for model_name in args.models:
-        for setup in args.setups:
-            if model_name not in SETUPS[setup][0]:
-                continue
-            step = training_step(model_name, setup, images_bgr, args)
-            reference["models"].setdefault(model_name, {})[setup] = step
-            print(
-                f"{model_name} {setup}: total {step['total']:.6f}, "
-                f"{len(step['losses'])} losses, {len(step['gradients'])} gradients, "
-                f"{len(step['draws'])} draws"
-            )
-    torch.save(reference, args.output)
+    if args.output:
+        reference = {**batch, "models": {}}
+        for model_name in args.models:
+            for setup in args.setups:
+                if model_name not in SETUPS[setup][0]:
+                    continue
+                step = training_step(model_name, setup, images_bgr, args)
+                reference["models"].setdefault(model_name, {})[setup] = step
+                print(
+                    f"{model_name} {setup}: total {step['total']:.6f}, "
+                    f"{len(step['losses'])} losses, {len(step['gradients'])} gradients, "
+                    f"{len(step['draws'])} draws"
+                )
+        torch.save(reference, args.output)
+    if args.curve_output:
+        run = training_curve(
+            images_bgr=images_bgr,
+            steps=args.curve_steps,
+            lr=args.curve_lr,
+            seed=args.seed,
+            parity_dir=args.parity_dir,
+        )
+        for i, step in enumerate(run["steps"]):
+            print(f"{CURVE_MODEL} step {i}: total {step['total']:.6f}")
+        curve = {
+            **batch,
+            "model": CURVE_MODEL,
+            "setup": CURVE_SETUP,
+            "lr": args.curve_lr,
+            "seed": args.seed,
+            **run,
+        }
+        torch.save(curve, args.curve_output)
     return 0
 
 

@@ -3,13 +3,16 @@ import unittest
 
 import torch
 from detectron2.layers import ShapeSpec
+from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 from codetr.modeling.aux_heads.base import AssignedCoords
-from codetr.modeling.aux_heads.rcnn import RCNNAuxHead, build_rcnn_aux_head
+from codetr.modeling.aux_heads.rcnn import RCNNAuxHead, RCNNAuxRPN, build_rcnn_aux_head
+from codetr.modeling.aux_heads.sampling import LowQualityMatcher
 
 NUM_CLASSES = 3
 CHANNELS = 8
@@ -76,18 +79,31 @@ def _head_with_fixed_proposals(boxes_per_image):
     return RCNNAuxHead(rpn=_FixedProposals(boxes_per_image), roi_heads=_build().roi_heads)
 
 
-def _rows(assignment):
-    """Sampled RoIs as a sorted list of (box, label, target box) tuples."""
-    return sorted(
+def _rows(assignment, in_order=False):
+    """Sampled RoIs as a list of (box, label, target box) tuples, sorted unless ``in_order``."""
+    rows = [
         (tuple(b), int(label), tuple(t))
         for b, label, t in zip(
             assignment.boxes.tolist(), assignment.labels.tolist(), assignment.target_boxes.tolist()
         )
-    )
+    ]
+    return rows if in_order else sorted(rows)
+
+
+# what the RoI head samples from PROPOSALS with ground truth A (class 1) and B (class 2)
+SAMPLED_ROWS = [
+    (tuple(GT_A), 1, tuple(GT_A)),  # ground truth added as a proposal
+    (tuple(GT_B), 2, tuple(GT_B)),  # ground truth added as a proposal
+    (tuple(PROPOSALS["equal_to_a"]), 1, tuple(GT_A)),
+    (tuple(PROPOSALS["near_a"]), 1, tuple(GT_A)),
+    (tuple(PROPOSALS["half_of_b"]), 2, tuple(GT_B)),
+    (tuple(PROPOSALS["under_half_of_b"]), NUM_CLASSES, (0.0, 0.0, 0.0, 0.0)),
+    (tuple(PROPOSALS["far"]), NUM_CLASSES, (0.0, 0.0, 0.0, 0.0)),
+]
 
 
 class TestRCNNAuxHeadConfiguration(unittest.TestCase):
-    def test_anchors_match_mmdet_up_to_order(self):
+    def test_anchors_match_mmdet_in_order(self):
         head = _build()
         one_location = [torch.zeros(1, CHANNELS, 1, 1)] * len(LEVELS)
         # the anchors at the first location of the stride-4 level, centred on (0, 0)
@@ -99,10 +115,7 @@ class TestRCNNAuxHeadConfiguration(unittest.TestCase):
                 scale = 4.0 * 2 ** (i / 3)
                 w, h = 4 * scale / math.sqrt(ratio), 4 * scale * math.sqrt(ratio)
                 mmdet.append([-w / 2, -h / 2, w / 2, h / 2])
-        mmdet = torch.tensor(mmdet)
-        # detectron2 is size-major: its anchor s * 3 + r is mmdet's anchor r * 3 + s
-        permutation = [r * 3 + s for s in range(3) for r in range(3)]
-        torch.testing.assert_close(cell_anchors, mmdet[permutation], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(cell_anchors, torch.tensor(mmdet), rtol=1e-6, atol=1e-5)
         self.assertEqual(head.rpn.anchor_generator.strides, STRIDES)
         self.assertEqual(head.rpn.rpn_head.objectness_logits.out_channels, 9)
 
@@ -110,8 +123,11 @@ class TestRCNNAuxHeadConfiguration(unittest.TestCase):
         head = _build()
         self.assertEqual(head.kind, "two-stage")
         rpn, roi = head.rpn, head.roi_heads
+        self.assertIsInstance(rpn, RCNNAuxRPN)
         self.assertEqual(rpn.anchor_matcher.thresholds[1:-1], [0.3, 0.7])
-        self.assertTrue(rpn.anchor_matcher.allow_low_quality_matches)
+        self.assertIsInstance(rpn.anchor_matcher, LowQualityMatcher)
+        self.assertEqual(rpn.anchor_matcher.min_low_quality_iou, 0.3)
+        self.assertTrue(roi.sample_as_authors)
         self.assertEqual((rpn.batch_size_per_image, rpn.positive_fraction), (256, 0.5))
         self.assertEqual(rpn.pre_nms_topk, {True: 4000, False: 1000})
         self.assertEqual(rpn.post_nms_topk, {True: 1000, False: 1000})
@@ -137,6 +153,15 @@ class TestRCNNAuxHeadConfiguration(unittest.TestCase):
         aligner = roi.box_pooler.level_poolers[0]
         self.assertTrue(aligner.aligned)
         self.assertEqual((aligner.output_size, aligner.sampling_ratio), ((7, 7), 0))
+
+    def test_detectron2_training_conventions(self):
+        head = _build(training_conventions="detectron2")
+        self.assertIs(type(head.rpn), RPN)
+        self.assertIs(type(head.rpn.anchor_matcher), Matcher)
+        self.assertTrue(head.rpn.anchor_matcher.allow_low_quality_matches)
+        self.assertFalse(head.roi_heads.sample_as_authors)
+        with self.assertRaisesRegex(ValueError, "training_conventions.*'mmdet'"):
+            _build(training_conventions="mmdet")
 
     def _levels(self, pooler, sizes):
         boxes = Boxes(torch.tensor([[0.0, 0.0, s, s] for s in sizes]))
@@ -185,17 +210,17 @@ class TestRCNNAuxHeadAssignment(unittest.TestCase):
     def test_sampled_proposal_targets(self):
         head = _head_with_fixed_proposals([list(PROPOSALS.values())])
         _, (assignment,) = self._run(head, self.gt)
-        background = (0.0, 0.0, 0.0, 0.0)
-        expected = [
-            (tuple(GT_A), 1, tuple(GT_A)),  # ground truth added as a proposal
-            (tuple(GT_B), 2, tuple(GT_B)),  # ground truth added as a proposal
-            (tuple(PROPOSALS["equal_to_a"]), 1, tuple(GT_A)),
-            (tuple(PROPOSALS["near_a"]), 1, tuple(GT_A)),
-            (tuple(PROPOSALS["half_of_b"]), 2, tuple(GT_B)),
-            (tuple(PROPOSALS["under_half_of_b"]), NUM_CLASSES, background),
-            (tuple(PROPOSALS["far"]), NUM_CLASSES, background),
-        ]
-        self.assertEqual(_rows(assignment), sorted(expected))
+        # as the authors' sampler: the ground truth before the proposals, positives then
+        # negatives, each in that order (nothing drawn: fewer candidates than wanted)
+        self.assertEqual(_rows(assignment, in_order=True), SAMPLED_ROWS)
+
+    def test_sampled_proposal_targets_detectron2(self):
+        head = RCNNAuxHead(
+            rpn=_FixedProposals([list(PROPOSALS.values())]),
+            roi_heads=_build(training_conventions="detectron2").roi_heads,
+        )
+        _, (assignment,) = self._run(head, self.gt)
+        self.assertEqual(_rows(assignment), sorted(SAMPLED_ROWS))
         # positives come first
         self.assertEqual(assignment.labels[:5].lt(NUM_CLASSES).tolist(), [True] * 5)
 

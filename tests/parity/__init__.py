@@ -52,3 +52,20 @@ def load_reference_outputs() -> Dict:
 def reference_inputs(outputs: Dict) -> List[Dict[str, torch.Tensor]]:
     """The stored BGR uint8 (H, W, 3) images as our model's inputs: RGB (3, H, W) float."""
     return [{"image": image.flip(-1).permute(2, 0, 1).float()} for image in outputs["images_bgr"]]
+
+
+def edited_state_dict(
+    state_dict: Dict[str, torch.Tensor], renamed: Dict[str, str], dropped: List[str]
+) -> Dict[str, torch.Tensor]:
+    """``state_dict`` without the keys under ``dropped``, then with ``renamed`` prefixes: the
+    authors' checkpoint as their model of a training-parity set-up loads it
+    (``tools/training_parity_official.py``, which imports this from here)."""
+    kept = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in dropped)}
+    edited = {}
+    for key, value in kept.items():
+        for old, new in renamed.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        edited[key] = value
+    return edited

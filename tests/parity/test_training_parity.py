@@ -2,20 +2,19 @@
 One training step of ours against the authors' code (``tests/parity/training_reference.pt``,
 written by ``tools/training_parity_official.py``): the tiny parity models, converted from the
 authors' weights, on the same two images and ground truth, with the authors' random draws
-replayed through :func:`codetr.modeling.random_draws.random_draws_from`.
+replayed through :func:`codetr.modeling.random_draws.random_draws_from` and the order of their
+RPN proposals whose scores tie replayed by :class:`ReplayedProposalOrder`.
 
-Checked here, to 1e-4 relative: every loss term (names mapped by :data:`LOSS_NAMES`), the
-total, and every recorded gradient (relative norm of the difference), for the set-ups whose
-every part is already the authors': DINO / Deformable-DETR without auxiliary heads, and
-Co-DINO without denoising or auxiliary heads. In the set-ups with auxiliary heads, the terms
-of the one-to-one query head (matching, encoder proposals, denoising) are checked; the
-auxiliary heads' own terms are not yet equal (README "Parity with the authors' code").
+Checked for every set-up of the fixture (both models with all heads, without auxiliary heads,
+without positive queries; Co-DINO with ATSS only and without denoising), to 1e-4 relative:
+every loss term (names mapped by :func:`our_loss_name`), the total, and every recorded gradient
+(relative norm of the difference).
 """
 
 import os
 import re
 import unittest
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
 
 import torch
 from detectron2.config import instantiate
@@ -23,13 +22,16 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
+from codetr.modeling.aux_heads.rcnn import RCNNAuxRPN
 from codetr.modeling.random_draws import RandomDraws, random_draws_from
 
-from . import TINY_CO_DINO_CHECKPOINT, tiny_co_dino_config
+from . import TINY_CO_DINO_CHECKPOINT, edited_state_dict, tiny_co_dino_config
 from .common import TINY_CO_DEFORMABLE_DETR_CHECKPOINT, tiny_co_deformable_detr_config
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "training_reference.pt")
 RELATIVE_TOLERANCE = 1e-4
+# the authors' modules of the positive queries (under query_head.transformer.)
+POSITIVE_QUERY_MODULES = ("aux_pos_trans", "pos_feats_trans", "pos_feats_norm", "head_pos_embed")
 CO_DINO = "tiny_co_dino_5scale_r50_1x_coco"
 CO_DEFORMABLE_DETR = "tiny_co_deformable_detr_r50_1x_coco"
 
@@ -40,6 +42,17 @@ LOSS_NAMES = (
     (r"^(d\d+\.)?(enc_|dn_)?loss_iou(_aux\d+)?$", r"\1\2loss_giou\3"),
     (r"^(d\d+\.)?(enc_|dn_)?loss_bbox(_aux\d+)?$", r"\1\2loss_bbox\3"),
 )
+# the auxiliary heads' own terms: the authors' name (less the head's index) -> ours, by the
+# kind of head; the authors' RPN terms carry no index (the model has one RPN)
+AUX_LOSS_NAMES = {
+    "two-stage": {
+        "loss_rpn_cls": "loss_rpn_cls",
+        "loss_rpn_bbox": "loss_rpn_loc",
+        "loss_cls": "loss_cls",
+        "loss_bbox": "loss_box_reg",
+    },
+    "one-stage": {"loss_cls": "loss_cls", "loss_bbox": "loss_bbox", "loss_centerness": "loss_centerness"},
+}
 
 # where the authors' code draws -> the purpose our code asks random_draws() for
 DRAW_PURPOSES = (
@@ -50,6 +63,10 @@ DRAW_PURPOSES = (
     ("co_deformable_detr_head.py:get_aux_targets:419", "randperm", 1, "positive_queries.positive"),
     ("co_deformable_detr_head.py:get_aux_targets:444", "randperm", 1, "positive_queries.negative"),
 )
+# mmdet's RandomSampler draws for both R-CNN stages: (caller that tells the stage, stage),
+# (sampler method, kind)
+SAMPLER_STAGES = (("anchor_head.py:_get_targets_single", "rpn"), ("co_roi_head.py:", "roi"))
+SAMPLER_KINDS = (("random_sampler.py:_sample_pos", "positive"), ("random_sampler.py:_sample_neg", "negative"))
 
 
 class ReplayedDraws(RandomDraws):
@@ -67,6 +84,12 @@ class ReplayedDraws(RandomDraws):
         for prefix, function, ndim, purpose in DRAW_PURPOSES:
             if caller.startswith(prefix) and draw["function"] == function and value.dim() == ndim:
                 return purpose
+        if caller.startswith("random_sampler.py:random_choice"):
+            callers = draw["callers"]
+            stage = [s for c, s in SAMPLER_STAGES if any(x.startswith(c) for x in callers)]
+            kind = [k for c, k in SAMPLER_KINDS if any(x.startswith(c) for x in callers)]
+            if len(stage) == 1 and len(kind) == 1:
+                return f"{stage[0]}.{kind[0]}"
         return f"not replayed: {caller}"
 
     def _next(self, purpose: str, shape) -> torch.Tensor:
@@ -91,28 +114,128 @@ class ReplayedDraws(RandomDraws):
         return {p: len(q) for p, q in self.queues.items() if q and not p.startswith("not ")}
 
 
-def our_loss_name(name: str) -> str:
+class ReplayedProposalOrder:
+    """
+    Puts our RPN proposals in the authors' order (``expected``: per image their (P, 5) boxes and
+    scores). Both rank by float32 probability; proposals whose probabilities tie, or differ by
+    an ulp or two because the logits differ by ~1e-7, come in an order that is a coin toss, and
+    the RoI sampler's draws pick by position. Checked on the way: the same boxes (to 1e-3
+    pixels), and only positions whose scores are within ``TIE`` of the authors' reordered.
+    """
+
+    TIE = 2e-7
+
+    def __init__(self, expected: List[torch.Tensor]):
+        self.expected = expected
+        self.moved: List[int] = []
+        self.largest_gap = 0.0
+
+    def __enter__(self):
+        self.original = RCNNAuxRPN.predict_proposals
+        replay = self
+
+        def predict_proposals(rpn, *args, **kwargs):
+            results = replay.original(rpn, *args, **kwargs)
+            return [replay.reordered(i, r) for i, r in enumerate(results)]
+
+        RCNNAuxRPN.predict_proposals = predict_proposals
+        return self
+
+    def __exit__(self, *exc):
+        RCNNAuxRPN.predict_proposals = self.original
+
+    def reordered(self, image: int, instances: Instances) -> Instances:
+        theirs = self.expected[image]
+        ours = instances.proposal_boxes.tensor
+        assert ours.shape[0] == theirs.shape[0], (image, ours.shape, theirs.shape)
+        same = torch.cdist(theirs[:, :4], ours, p=float("inf")) < 1e-3
+        # one of ours per proposal of theirs, the one at the same position where it can be
+        # (clipped proposals can coincide)
+        free = torch.ones(len(ours), dtype=torch.bool)
+        order = []
+        for position, candidates in enumerate(same):
+            candidates = (candidates & free).nonzero().flatten().tolist()
+            assert candidates, f"image {image}: the authors' proposal {position} is not ours"
+            match = position if position in candidates else candidates[0]
+            free[match] = False
+            order.append(match)
+        order = torch.tensor(order)
+        moved = order != torch.arange(len(order))
+        self.moved.append(int(moved.sum()))
+        gap = (instances.objectness_logits - theirs[:, 4]).abs()[moved]
+        self.largest_gap = max([self.largest_gap] + gap.tolist())
+        return instances[order]
+
+
+def our_loss_name(name: str, aux_kinds: List[str]) -> str:
+    """Our name of the authors' loss ``name``; ``aux_kinds``: the ``kind`` of each of our
+    auxiliary heads."""
     for pattern, replacement in LOSS_NAMES:
         if re.match(pattern, name):
             return re.sub(pattern, replacement, name)
+    match = re.match(r"^(loss_rpn_\w+|loss_[a-z]+?)(\d*)$", name)
+    if match:
+        term, index = match.groups()
+        head = aux_kinds.index("two-stage") if term.startswith("loss_rpn") else int(index)
+        return f"aux{head}.{AUX_LOSS_NAMES[aux_kinds[head]][term]}"
     return name
-
-
-def edited_state_dict(state_dict, renamed: Dict[str, str], dropped: List[str]):
-    """The checkpoint as the authors' model of a set-up loaded it (see the generator)."""
-    kept = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in dropped)}
-    edited = {}
-    for key, value in kept.items():
-        for old, new in renamed.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        edited[key] = value
-    return edited
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).norm() / theirs.norm().clamp(min=1e-12))
+
+
+def converted_model(
+    *, model_name: str, setup: str, renamed: Dict[str, str], dropped: List[str]
+) -> torch.nn.Module:
+    """Our model of ``setup``, in training mode, with the authors' weights as their model of the
+    set-up loaded them (``renamed`` / ``dropped``: as recorded in the fixture)."""
+    dino = model_name == CO_DINO
+    with_aux = setup != "no_aux_heads"
+    config = (tiny_co_dino_config if dino else tiny_co_deformable_detr_config)(with_aux)
+    if setup == "no_positive_queries":
+        config.positive_queries = None
+    if setup == "atss_only":
+        config.aux_heads = [h for h in config.aux_heads if "ATSS" in str(h._target_)]
+        config.positive_queries.num_heads = 1
+    if setup == "no_denoising":
+        config.query_head.denoising = None
+    model = instantiate(config)
+    checkpoint = load_official_checkpoint(
+        TINY_CO_DINO_CHECKPOINT if dino else TINY_CO_DEFORMABLE_DETR_CHECKPOINT
+    )
+    dropped = list(dropped)
+    # the authors' model keeps the (unused) modules of a part that is off, ours has none
+    if setup == "no_denoising":
+        dropped.append("query_head.label_embedding.")
+    if setup == "no_positive_queries":
+        dropped += [f"query_head.transformer.{name}" for name in POSITIVE_QUERY_MODULES]
+    checkpoint = edited_state_dict(checkpoint, renamed, dropped)
+    converted, report = convert_official_state_dict(checkpoint, model, keep_aux=with_aux)
+    assert report.ok, report.summary()
+    model.load_state_dict(converted, strict=True)
+    return model.train()
+
+
+class ReplayedStep(NamedTuple):
+    """Our losses of one step with the authors' draws and proposal order replayed; the draws
+    left over (by purpose) and the reordering of the proposals."""
+
+    losses: Dict[str, torch.Tensor]
+    unused_draws: Dict[str, int]
+    proposal_order: ReplayedProposalOrder
+
+
+def replayed_step(
+    *, model: torch.nn.Module, inputs: List[Dict], draws: List[Dict], proposals: List[torch.Tensor]
+) -> ReplayedStep:
+    """The forward pass of ``model`` on ``inputs`` with the authors' ``draws`` and the order of
+    their ``proposals`` (as recorded for the step)."""
+    replayed = ReplayedDraws(draws)
+    proposal_order = ReplayedProposalOrder(proposals)
+    with random_draws_from(replayed), proposal_order, EventStorage(0):
+        losses = model(inputs)
+    return ReplayedStep(losses, replayed.unused(), proposal_order)
 
 
 class TrainingStep:
@@ -120,38 +243,23 @@ class TrainingStep:
 
     def __init__(self, reference: Dict, model_name: str, setup: str):
         self.expected = reference["models"][model_name][setup]
-        dino = model_name == CO_DINO
-        with_aux = setup != "no_aux_heads"
-        config = (tiny_co_dino_config if dino else tiny_co_deformable_detr_config)(with_aux)
-        if setup == "no_positive_queries":
-            config.positive_queries = None
-        if setup == "atss_only":
-            config.aux_heads = [h for h in config.aux_heads if "ATSS" in str(h._target_)]
-            config.positive_queries.num_heads = 1
-        if setup == "no_denoising":
-            config.query_head.denoising = None
-        self.model = instantiate(config)
-        checkpoint = load_official_checkpoint(
-            TINY_CO_DINO_CHECKPOINT if dino else TINY_CO_DEFORMABLE_DETR_CHECKPOINT
+        self.model = converted_model(
+            model_name=model_name,
+            setup=setup,
+            renamed=self.expected["renamed"],
+            dropped=self.expected["dropped"],
         )
-        dropped = list(self.expected["dropped"])
-        if setup == "no_denoising":
-            # the authors' model keeps its (unused) label embedding, ours has none
-            dropped.append("query_head.label_embedding.")
-        checkpoint = edited_state_dict(checkpoint, self.expected["renamed"], dropped)
-        converted, report = convert_official_state_dict(checkpoint, self.model, keep_aux=with_aux)
-        assert report.ok, report.summary()
-        self.model.load_state_dict(converted, strict=True)
-        self.model.train()
-
-        draws = ReplayedDraws(self.expected["draws"])
-        with random_draws_from(draws), EventStorage(0):
-            self.losses = self.model(self.inputs(reference))
-        self.unused_draws = draws.unused()
+        self.aux_kinds = [head.kind for head in getattr(self.model, "aux_heads", [])]
+        self.losses, self.unused_draws, self.proposal_order = replayed_step(
+            model=self.model,
+            inputs=self.inputs(reference),
+            draws=self.expected["draws"],
+            proposals=self.expected["proposals"],
+        )
         self.total = sum(self.losses.values())
         self.total.backward()
         self.expected_gradients, _ = convert_official_state_dict(
-            self.expected["gradients"], self.model, keep_aux=with_aux
+            self.expected["gradients"], self.model, keep_aux=setup != "no_aux_heads"
         )
 
     @staticmethod
@@ -169,18 +277,11 @@ class TrainingStep:
         return inputs
 
 
-def query_head_term(name: str) -> bool:
-    """A term of the one-to-one query head (not of an auxiliary head or positive queries)."""
-    return not re.search(r"aux\d|rpn|\d$", name)
-
-
 class TrainingParityMixin:
     """A test case sets ``model_name`` and ``setup`` (a key of the fixture)."""
 
     model_name = ""
     setup = ""
-    # False: only the one-to-one query head's terms are compared
-    complete = True
 
     @classmethod
     def setUpClass(cls):
@@ -188,33 +289,21 @@ class TrainingParityMixin:
         reference = torch.load(REFERENCE, weights_only=True)
         cls.step = TrainingStep(reference, cls.model_name, cls.setup)
 
-    def _compared_terms(self) -> Dict[str, float]:
-        terms = self.step.expected["losses"]
-        if not self.complete:
-            terms = {k: v for k, v in terms.items() if query_head_term(k)}
-        return terms
+    def test_same_terms(self):
+        self.assertEqual(
+            sorted(our_loss_name(k, self.step.aux_kinds) for k in self.step.expected["losses"]),
+            sorted(self.step.losses),
+        )
 
     def test_every_loss_term(self):
         ours = {k: float(v) for k, v in self.step.losses.items()}
-        compared = self._compared_terms()
-        self.assertGreater(len(compared), 0)
-        for name, expected in compared.items():
-            ours_name = our_loss_name(name)
+        for name, expected in self.step.expected["losses"].items():
+            ours_name = our_loss_name(name, self.step.aux_kinds)
             self.assertIn(ours_name, ours, f"the authors' {name}")
             error = abs(ours[ours_name] - expected) / max(abs(expected), 1e-12)
             self.assertLessEqual(
                 error, RELATIVE_TOLERANCE, f"{name}: ours {ours[ours_name]}, theirs {expected}"
             )
-
-
-class CompleteStepMixin(TrainingParityMixin):
-    """Set-ups whose every term and gradient is the authors'."""
-
-    def test_same_terms(self):
-        self.assertEqual(
-            sorted(our_loss_name(k) for k in self.step.expected["losses"]),
-            sorted(self.step.losses),
-        )
 
     def test_total(self):
         error = (
@@ -225,6 +314,11 @@ class CompleteStepMixin(TrainingParityMixin):
     def test_every_draw_replayed(self):
         self.assertEqual(self.step.unused_draws, {})
 
+    def test_proposals_reordered_only_at_ties(self):
+        order = self.step.proposal_order
+        self.assertEqual(len(order.moved), len(self.step.expected["proposals"]))
+        self.assertLessEqual(order.largest_gap, ReplayedProposalOrder.TIE)
+
     def test_recorded_gradients(self):
         parameters = dict(self.step.model.named_parameters())
         self.assertEqual(len(self.step.expected_gradients), len(self.step.expected["gradients"]))
@@ -234,28 +328,36 @@ class CompleteStepMixin(TrainingParityMixin):
             self.assertLessEqual(relative_error(gradient, expected), RELATIVE_TOLERANCE, name)
 
 
-class TestCoDINOWithoutAuxiliaryHeads(CompleteStepMixin, unittest.TestCase):
+class TestCoDINOAllHeads(TrainingParityMixin, unittest.TestCase):
+    model_name, setup = CO_DINO, "all_heads"
+
+
+class TestCoDINOWithoutAuxiliaryHeads(TrainingParityMixin, unittest.TestCase):
     model_name, setup = CO_DINO, "no_aux_heads"
 
 
-class TestCoDeformableDETRWithoutAuxiliaryHeads(CompleteStepMixin, unittest.TestCase):
+class TestCoDINOWithoutPositiveQueries(TrainingParityMixin, unittest.TestCase):
+    model_name, setup = CO_DINO, "no_positive_queries"
+
+
+class TestCoDINOAtssOnly(TrainingParityMixin, unittest.TestCase):
+    model_name, setup = CO_DINO, "atss_only"
+
+
+class TestCoDINOWithoutDenoising(TrainingParityMixin, unittest.TestCase):
+    model_name, setup = CO_DINO, "no_denoising"
+
+
+class TestCoDeformableDETRAllHeads(TrainingParityMixin, unittest.TestCase):
+    model_name, setup = CO_DEFORMABLE_DETR, "all_heads"
+
+
+class TestCoDeformableDETRWithoutAuxiliaryHeads(TrainingParityMixin, unittest.TestCase):
     model_name, setup = CO_DEFORMABLE_DETR, "no_aux_heads"
 
 
-class TestCoDINOAllHeadsQueryHead(TrainingParityMixin, unittest.TestCase):
-    model_name, setup, complete = CO_DINO, "all_heads", False
-
-
-class TestCoDINOAtssOnlyQueryHead(TrainingParityMixin, unittest.TestCase):
-    model_name, setup, complete = CO_DINO, "atss_only", False
-
-
-class TestCoDINOWithoutDenoisingQueryHead(TrainingParityMixin, unittest.TestCase):
-    model_name, setup, complete = CO_DINO, "no_denoising", False
-
-
-class TestCoDeformableDETRAllHeadsQueryHead(TrainingParityMixin, unittest.TestCase):
-    model_name, setup, complete = CO_DEFORMABLE_DETR, "all_heads", False
+class TestCoDeformableDETRWithoutPositiveQueries(TrainingParityMixin, unittest.TestCase):
+    model_name, setup = CO_DEFORMABLE_DETR, "no_positive_queries"
 
 
 if __name__ == "__main__":

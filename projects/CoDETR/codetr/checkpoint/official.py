@@ -54,8 +54,9 @@ Auxiliary parts (converted only with ``keep_aux``):
 ``roi_head.j`` is our j-th "two-stage" auxiliary head ``r`` (``rpn_head`` goes to the first),
 ``bbox_head.j`` our j-th "one-stage" head ``a``. The authors number the positive-query branches
 RoI heads first, then dense heads; ``k'`` is the position of that head in our ``aux_heads``.
-mmdet orders the anchors of a location ratio-major, detectron2 size-major: the output channels
-of ``rpn_cls`` and the 4-channel groups of ``rpn_reg`` are permuted accordingly.
+mmdet orders the anchors of a location ratio-major: where ours are in another order (detectron2's
+``DefaultAnchorGenerator`` is size-major), the output channels of ``rpn_cls`` and the 4-channel
+groups of ``rpn_reg`` are permuted accordingly.
 
 BatchNorm ``num_batches_tracked`` counters are dropped when the model has none (FrozenBN).
 Backbones other than ResNet and Swin are not covered yet: their names are reported as unused,
@@ -362,17 +363,18 @@ def _rpn_anchor_permutation(cell_anchors: Tensor) -> Tensor:
     """
     Index into the authors' anchors of a location for each of our anchors.
 
-    Ours (detectron2) enumerate sizes then aspect ratios, mmdet ratios then scales; the number
-    of aspect ratios is read off our anchors (h / w of the first level's cell anchors).
+    mmdet enumerates a location's anchors ratio-major (``r * num_sizes + s``); the ratio and
+    size of each of our anchors are read off ``cell_anchors`` (A, 4), numbered in order of first
+    appearance, so any order of ours maps (the identity for :class:`RatioMajorAnchorGenerator`).
     """
     widths = cell_anchors[:, 2] - cell_anchors[:, 0]
     heights = cell_anchors[:, 3] - cell_anchors[:, 1]
     ratios = torch.round(heights / widths, decimals=4).tolist()
-    num_anchors, num_ratios = len(ratios), len(dict.fromkeys(ratios))
-    num_sizes = num_anchors // num_ratios
-    # ours: size s, ratio r at s * num_ratios + r; authors': r * num_sizes + s
+    sizes = torch.round(torch.sqrt(widths * heights), decimals=2).tolist()
+    ratio_ids = {r: i for i, r in enumerate(dict.fromkeys(ratios))}
+    size_ids = {s: i for i, s in enumerate(dict.fromkeys(sizes))}
     return torch.tensor(
-        [r * num_sizes + s for s in range(num_sizes) for r in range(num_ratios)]
+        [ratio_ids[r] * len(size_ids) + size_ids[s] for r, s in zip(ratios, sizes)]
     )
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from ..losses import average_across_workers
+from .anchors import valid_anchor_mask
 from .base import AssignedCoords
 
 __all__ = ["ATSSHead", "Scale", "atss_assign"]
@@ -295,25 +296,6 @@ class ATSSHead(nn.Module):
         )
         return transform.apply_deltas(torch.maximum(deltas, lower), anchors)
 
-    def _valid_anchor_mask(
-        self,
-        feature_sizes: List[Tuple[int, int]],
-        image_size: Tuple[int, int],
-        device: torch.device,
-    ) -> Tensor:
-        """
-        (A,) bool: anchors whose location lies within the image's ceil(size / stride) cells
-        on its level (the authors' valid flags; ``image_size`` plays their ``pad_shape``).
-        """
-        masks = []
-        for (height, width), stride in zip(feature_sizes, self.strides):
-            valid_h = min(math.ceil(image_size[0] / stride), height)
-            valid_w = min(math.ceil(image_size[1] / stride), width)
-            rows = torch.arange(height, device=device) < valid_h
-            cols = torch.arange(width, device=device) < valid_w
-            masks.append((rows[:, None] & cols[None, :]).flatten())
-        return torch.cat(masks)
-
     @torch.no_grad()
     def label_anchors(
         self,
@@ -376,9 +358,10 @@ class ATSSHead(nn.Module):
         num_anchors_per_level = [len(a) for a in anchors_per_level]
         anchors = Boxes.cat(anchors_per_level).tensor
 
-        feature_sizes = [tuple(f.shape[-2:]) for f in level_features]
         valid_masks = [
-            self._valid_anchor_mask(feature_sizes, image_size, anchors.device)
+            valid_anchor_mask(
+                anchors_per_level, self.strides, self.anchor_generator.offset, image_size
+            )
             for image_size in images.image_sizes
         ]
         labels, target_boxes = self.label_anchors(

@@ -16,19 +16,144 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torchvision
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers, StandardROIHeads
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from codetr.modeling.aux_heads.anchors import RatioMajorAnchorGenerator, valid_anchor_mask
 from codetr.modeling.aux_heads.base import AssignedCoords
+from codetr.modeling.aux_heads.sampling import LowQualityMatcher, sample_in_order
 
-__all__ = ["RCNNAuxROIHeads", "RCNNAuxHead", "build_rcnn_aux_head"]
+__all__ = ["RCNNAuxRPN", "RCNNAuxROIHeads", "RCNNAuxHead", "build_rcnn_aux_head"]
+
+TRAINING_CONVENTIONS = ("authors", "detectron2")
+
+
+class RCNNAuxRPN(RPN):
+    """
+    detectron2's :class:`RPN` trained as the authors' mmdet ``RPNHead``:
+
+    * only the anchors of an image's own extent take part in its assignment
+      (:func:`valid_anchor_mask`; detectron2 uses every anchor of the padded batch);
+    * anchors are sampled by :func:`sample_in_order` (purpose ``"rpn"``);
+    * both losses are divided by the number of sampled anchors summed over images, each image's
+      positives and negatives counted as at least 1 (detectron2: ``256 * num_images``).
+
+    Matching is the ``anchor_matcher`` given (the authors': :class:`LowQualityMatcher`).
+    """
+
+    @torch.no_grad()
+    def predict_proposals(
+        self,
+        anchors: List[Boxes],
+        pred_objectness_logits: List[Tensor],
+        pred_anchor_deltas: List[Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Instances]:
+        """
+        The authors' proposals: per level, the ``pre_nms_topk`` highest probabilities (all
+        anchors, in their order, where there are fewer), boxes clipped to the image, empty ones
+        dropped, NMS per level, the ``post_nms_topk`` best kept.
+
+        Written here because detectron2's ``find_top_rpn_proposals`` ranks by logit: float32
+        probabilities tie where logits differ by ~1e-7, and the authors' order among ties (by
+        position in the list above) decides which proposals their sampler draws.
+
+        Returns:
+            per image, ``Instances`` with ``proposal_boxes`` (P, 4) and ``objectness_logits`` (P,)
+            (here probabilities), best first.
+        """
+        proposals = self._decode_proposals(anchors, pred_anchor_deltas)  # per level (B, N_l, 4)
+        pre_nms_topk = self.pre_nms_topk[self.training]
+        post_nms_topk = self.post_nms_topk[self.training]
+        results = []
+        for image, image_size in enumerate(image_sizes):
+            boxes, scores, levels = [], [], []
+            for level, (level_boxes, logits) in enumerate(zip(proposals, pred_objectness_logits)):
+                # float32: half-precision probabilities would tie in large numbers
+                level_boxes = level_boxes[image].float()
+                level_scores = logits[image].float().sigmoid()
+                if level_scores.numel() > pre_nms_topk:
+                    level_scores, order = level_scores.sort(descending=True)
+                    level_scores = level_scores[:pre_nms_topk]
+                    level_boxes = level_boxes[order[:pre_nms_topk]]
+                boxes.append(level_boxes)
+                scores.append(level_scores)
+                levels.append(torch.full_like(level_scores, level))
+            boxes, scores, levels = Boxes(torch.cat(boxes)), torch.cat(scores), torch.cat(levels)
+            boxes.clip(image_size)
+            kept = boxes.nonempty(threshold=self.min_box_size)
+            boxes, scores, levels = boxes[kept], scores[kept], levels[kept]
+            # NMS per level by shifting each level's boxes apart (as mmcv's batched_nms)
+            shifted = boxes.tensor + (levels * (boxes.tensor.max() + 1))[:, None]
+            keep = torchvision.ops.nms(shifted, scores, self.nms_thresh)[:post_nms_topk]
+            instances = Instances(image_size)
+            instances.proposal_boxes = boxes[keep]
+            instances.objectness_logits = scores[keep]
+            results.append(instances)
+        return results
+
+    @torch.no_grad()
+    def label_and_sample_anchors(
+        self, anchors: List[Boxes], gt_instances: List[Instances]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """
+        Args:
+            anchors: per level, (H_l * W_l * A, 4) anchors.
+            gt_instances: per image, ``gt_boxes`` and the ``image_size`` that bounds the anchors.
+
+        Returns:
+            per image, (R,) labels (1 positive, 0 negative, -1 not sampled or outside the image)
+            and (R, 4) matched ground-truth boxes (zeros where no ground truth).
+        """
+        all_anchors = Boxes.cat(anchors)
+        gt_labels, matched_gt_boxes = [], []
+        for instances in gt_instances:
+            valid = valid_anchor_mask(
+                anchors, self.anchor_generator.strides, self.anchor_generator.offset,
+                instances.image_size,
+            )
+            gt_boxes = instances.gt_boxes
+            matches, match_labels = self.anchor_matcher(pairwise_iou(gt_boxes, all_anchors[valid]))
+            positive, negative = sample_in_order(
+                match_labels.to(gt_boxes.device), self.batch_size_per_image,
+                self.positive_fraction, 0, "rpn",
+            )
+            valid_labels = torch.full_like(matches, -1)
+            valid_labels[positive] = 1
+            valid_labels[negative] = 0
+            labels = torch.full((len(all_anchors),), -1, dtype=torch.long, device=matches.device)
+            labels[valid] = valid_labels
+            matched = torch.zeros_like(all_anchors.tensor)
+            if len(gt_boxes) > 0:
+                matched[valid] = gt_boxes.tensor[matches]
+            gt_labels.append(labels)
+            matched_gt_boxes.append(matched)
+        return gt_labels, matched_gt_boxes
+
+    def losses(
+        self,
+        anchors: List[Boxes],
+        pred_objectness_logits: List[Tensor],
+        gt_labels: List[Tensor],
+        pred_anchor_deltas: List[Tensor],
+        gt_boxes: List[Tensor],
+    ) -> Dict[str, Tensor]:
+        """detectron2's losses, divided by the authors' normaliser instead of its own."""
+        losses = super().losses(
+            anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes
+        )
+        labels = torch.stack(gt_labels)
+        sampled = (labels == 1).sum(dim=1).clamp(min=1) + (labels == 0).sum(dim=1).clamp(min=1)
+        scale = self.batch_size_per_image * len(gt_labels) / sampled.sum()
+        return {name: loss * scale for name, loss in losses.items()}
 
 
 class RCNNAuxROIHeads(StandardROIHeads):
@@ -41,7 +166,64 @@ class RCNNAuxROIHeads(StandardROIHeads):
     the image has ground truth; detectron2 leaves the field out otherwise) and
     ``pooled_features`` (R, C); the features are the ones the box head consumed, so the RoIs are
     pooled once. Mask and keypoint branches and ``train_on_pred_boxes`` are not supported.
+
+    With ``sample_as_authors`` (mmdet's ``RandomSampler`` with ground truth added as
+    proposals), the ground-truth boxes are put before the proposals and each is matched to its
+    own ground truth (detectron2: after them, matched by IoU), and the RoIs are sampled by
+    :func:`sample_in_order` (purpose ``"roi"``): positives then negatives, each in increasing
+    order of that list.
     """
+
+    def __init__(self, *, sample_as_authors: bool, **kwargs):
+        """
+        Args:
+            sample_as_authors: sample as the authors' code (above) or as detectron2.
+            kwargs: as :class:`StandardROIHeads`.
+        """
+        super().__init__(**kwargs)
+        self.sample_as_authors = sample_as_authors
+
+    @torch.no_grad()
+    def label_and_sample_proposals(
+        self, proposals: List[Instances], targets: List[Instances]
+    ) -> List[Instances]:
+        """
+        Returns:
+            per image, the sampled RoIs: ``proposal_boxes``, ``gt_classes`` (``num_classes``
+            for background) and, when the image has ground truth, ``gt_boxes``.
+        """
+        if not self.sample_as_authors:
+            return super().label_and_sample_proposals(proposals, targets)
+        sampled, num_foreground, num_background = [], [], []
+        for proposals_per_image, targets_per_image in zip(proposals, targets):
+            gt_boxes = targets_per_image.gt_boxes
+            num_gt = len(gt_boxes)
+            boxes = Boxes.cat([gt_boxes, proposals_per_image.proposal_boxes])
+            matches, match_labels = self.proposal_matcher(pairwise_iou(gt_boxes, boxes))
+            matches[:num_gt] = torch.arange(num_gt, device=matches.device)
+            match_labels[:num_gt] = 1
+            labels = torch.full_like(matches, self.num_classes)
+            if num_gt > 0:
+                labels = torch.where(
+                    match_labels == 1, targets_per_image.gt_classes[matches], labels
+                )
+            labels[match_labels == -1] = -1
+            positive, negative = sample_in_order(
+                labels, self.batch_size_per_image, self.positive_fraction, self.num_classes, "roi"
+            )
+            indices = torch.cat([positive, negative])
+            rois = Instances(proposals_per_image.image_size)
+            rois.proposal_boxes = boxes[indices]
+            rois.gt_classes = labels[indices]
+            if num_gt > 0:
+                rois.gt_boxes = gt_boxes[matches[indices]]
+            sampled.append(rois)
+            num_foreground.append(positive.numel())
+            num_background.append(negative.numel())
+        storage = get_event_storage()  # the statistics detectron2's sampling logs
+        storage.put_scalar("roi_head/num_fg_samples", sum(num_foreground) / len(sampled))
+        storage.put_scalar("roi_head/num_bg_samples", sum(num_background) / len(sampled))
+        return sampled
 
     def _forward_box(self, features: Dict[str, Tensor], proposals: List[Instances]):
         box_features = self.box_pooler(
@@ -73,34 +255,22 @@ class RCNNAuxHead(nn.Module):
     Proposals are clipped to ``images.image_sizes`` too; for LSJ-style inputs the authors clip to
     the padded batch size, so pass an ``ImageList`` whose ``image_sizes`` are the padded size.
 
-    Differences from the authors' mmdet implementation (inference is unaffected except for
-    ties in NMS ordering and the numerical edge cases noted):
+    Training follows the authors' mmdet code by default (``training_conventions="authors"`` of
+    :func:`build_rcnn_aux_head`): anchors ordered ratio-major (:class:`RatioMajorAnchorGenerator`),
+    only an image's own anchors assigned, mmdet's low-quality matching
+    (:class:`LowQualityMatcher`), sampling (:func:`sample_in_order`, ground truth prepended to
+    the proposals) and RPN loss normaliser (:class:`RCNNAuxRPN`). With
+    ``training_conventions="detectron2"`` these are detectron2's. Differences that remain either
+    way, none of which the parity tests can see:
 
-    * Anchor order within a location: mmdet enumerates ratio-major, scale-minor (index
-      ``r * num_scales + s``); detectron2 size-major, ratio-minor (``s * num_ratios + r``). A
-      checkpoint converter must permute the output channels of ``rpn_cls`` and the groups of 4
-      output channels of ``rpn_reg`` accordingly. Anchor sizes equal mmdet's up to float rounding.
-    * RPN low-quality matches: detectron2 makes each ground truth's highest-IoU anchors positive
-      whatever that IoU (mmdet requires ``min_pos_iou`` = 0.3) and leaves them matched to their
-      own highest-IoU ground truth (mmdet re-assigns them to the ground truth they are best for).
-    * RPN anchors: mmdet ignores anchors at feature locations beyond each image's own padded
-      extent (``ceil(pad_h / stride)``); detectron2 uses every anchor of the batch-padded maps.
-    * RPN loss normaliser: detectron2 divides both RPN losses by ``256 * num_images``; mmdet by
-      the number of sampled anchors summed over images (each image's positive and negative counts
-      taken as at least 1). They agree when every image samples 256 anchors with at least one
-      positive.
-    * Ground truth as proposals: mmdet prepends the boxes and assigns each to its own ground
-      truth; detectron2 appends them and matches them by IoU (the same unless two ground-truth
-      boxes coincide). mmdet orders sampled RoIs by index, detectron2 randomly within positives
-      and within negatives; both put positives first.
     * Box decoding: detectron2 clamps log-size deltas from above only (at ``log(1000 / 16)``),
       mmdet from both sides.
     * RoI level mapping: ``floor(log2(sqrt(area) / finest_scale + eps))`` with ``eps`` 1e-6 in
       mmdet and 1e-8 in detectron2, which moves only boxes within 1e-6 of a level boundary.
+    * Box deltas are computed in another order of float operations (differences of 1 ulp).
     * Initialisation of the two FC layers: detectron2's ``c2_xavier_fill`` versus mmdet's
       uniform Xavier (irrelevant when loading a checkpoint).
-    * The RoI losses use the same normalisers as mmdet (the number of sampled RoIs); the GIoU
-      loss's eps is 1e-7 (fvcore) instead of 1e-6.
+    * The GIoU loss's eps is 1e-7 (fvcore) instead of 1e-6.
     """
 
     kind = "two-stage"
@@ -109,7 +279,8 @@ class RCNNAuxHead(nn.Module):
     def __init__(self, *, rpn: RPN, roi_heads: RCNNAuxROIHeads):
         """
         Args:
-            rpn: detectron2 RPN (``StandardRPNHead``, ``DefaultAnchorGenerator``).
+            rpn: detectron2 RPN (``StandardRPNHead``; :class:`RCNNAuxRPN` for the authors'
+                training).
             roi_heads: the box branch.
         """
         super().__init__()
@@ -203,14 +374,15 @@ def build_rcnn_aux_head(
     test_score_thresh: float = 0.0,
     test_nms_thresh: float = 0.5,
     test_topk_per_image: int = 100,
+    training_conventions: str = "authors",
 ) -> RCNNAuxHead:
     """
     Builds the Faster R-CNN auxiliary head with the settings of the authors' configs.
 
     RPN: one 3x3 conv; per level ``anchor_scales_per_octave`` anchor sizes
     ``stride * anchor_octave_base_scale * 2^(i / anchor_scales_per_octave)`` times each aspect
-    ratio, centred on ``stride * (x, y)`` (offset 0); IoU matching 0.3 / 0.7 with low-quality
-    matches; 256 anchors sampled at 0.5 positive; L1 on deltas (weights 1, 1, 1, 1); NMS per
+    ratio (ratio-major), centred on ``stride * (x, y)`` (offset 0); IoU matching 0.3 / 0.7 with
+    low-quality matches (IoU >= 0.3); 256 anchors sampled at 0.5 positive; L1 on deltas (weights 1, 1, 1, 1); NMS per
     level. RoI head: 7x7 aligned RoIAlign (adaptive sampling) on ``roi_in_features``; two FC
     layers of ``fc_dim``; class-specific regression with weights (10, 10, 5, 5) trained with GIoU
     on the decoded boxes; IoU matching at 0.5 without low-quality matches; 512 RoIs sampled at
@@ -234,7 +406,16 @@ def build_rcnn_aux_head(
         cls_loss_weight, giou_loss_weight: weights of the RoI classification and GIoU losses.
         test_score_thresh, test_nms_thresh, test_topk_per_image: detection post-processing
             (per-class NMS).
+        training_conventions: ``"authors"`` trains as the authors' mmdet code (matching,
+            sampling, anchors assigned and normalisers of :class:`RCNNAuxHead`), ``"detectron2"``
+            as detectron2's ``RPN`` and ``StandardROIHeads``.
     """
+    if training_conventions not in TRAINING_CONVENTIONS:
+        raise ValueError(
+            f"training_conventions must be one of {TRAINING_CONVENTIONS}, "
+            f"got {training_conventions!r}"
+        )
+    as_authors = training_conventions == "authors"
     missing = [f for f in in_features if f not in input_shape]
     if missing:
         raise ValueError(f"in_features {missing} are not in input_shape {sorted(input_shape)}")
@@ -251,7 +432,7 @@ def build_rcnn_aux_head(
     (in_channels,) = channels
 
     strides = [input_shape[f].stride for f in in_features]
-    anchor_generator = DefaultAnchorGenerator(
+    anchor_generator = RatioMajorAnchorGenerator(
         sizes=[
             [
                 stride * anchor_octave_base_scale * 2 ** (i / anchor_scales_per_octave)
@@ -263,11 +444,15 @@ def build_rcnn_aux_head(
         strides=strides,
         offset=0.0,
     )
-    rpn = RPN(
+    rpn = (RCNNAuxRPN if as_authors else RPN)(
         in_features=in_features,
         head=StandardRPNHead(in_channels=in_channels, num_anchors=anchor_generator.num_anchors[0]),
         anchor_generator=anchor_generator,
-        anchor_matcher=Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True),
+        anchor_matcher=(
+            LowQualityMatcher([0.3, 0.7], [0, -1, 1], min_low_quality_iou=0.3)
+            if as_authors
+            else Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)
+        ),
         box2box_transform=Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0)),
         batch_size_per_image=256,
         positive_fraction=0.5,
@@ -309,6 +494,7 @@ def build_rcnn_aux_head(
         loss_weight={"loss_cls": cls_loss_weight, "loss_box_reg": giou_loss_weight},
     )
     roi_heads = RCNNAuxROIHeads(
+        sample_as_authors=as_authors,
         num_classes=num_classes,
         batch_size_per_image=512,
         positive_fraction=0.25,
