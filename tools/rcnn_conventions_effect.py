@@ -42,8 +42,13 @@ def _detectron2_matcher(model):
 
 
 def _all_anchors(model):
-    return [mock.patch.object(rcnn, "valid_anchor_mask", lambda a, *_: torch.ones(
-        sum(len(b) for b in a), dtype=torch.bool))]
+    return [
+        mock.patch.object(
+            rcnn,
+            "valid_anchor_mask",
+            lambda a, *_: torch.ones(sum(len(b) for b in a), dtype=torch.bool),
+        )
+    ]
 
 
 def _detectron2_normaliser(model):
@@ -57,9 +62,7 @@ def _detectron2_proposals(model):
 def _detectron2_rpn_sampling(model):
     # detectron2's label_and_sample_anchors samples with subsample_labels (and uses every anchor)
     return _all_anchors(model) + [
-        mock.patch.object(
-            rcnn.RCNNAuxRPN, "label_and_sample_anchors", RPN.label_and_sample_anchors
-        )
+        mock.patch.object(rcnn.RCNNAuxRPN, "label_and_sample_anchors", RPN.label_and_sample_anchors)
     ]
 
 

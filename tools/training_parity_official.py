@@ -27,7 +27,8 @@ The fixture, one dict (``torch.load(..., weights_only=True)``):
 [(n,) int64], "models": {model: {setup: {"losses": {name: float}, "total": float,
 "gradients": {authors' parameter name: Tensor}, "draws": [{"callers": innermost
 first, the first with its line, "function", "value"}], "proposals": [(P, 5) RPN proposals and
-scores per image, as the RoI head got them; none without it], "renamed": {old prefix: new prefix}, "dropped": [prefix]}}}}``.
+scores per image, as the RoI head got them; none without it], "renamed": {old prefix: new
+prefix}, "dropped": [prefix]}}}}``.
 
 The training curve: :data:`CURVE_MODEL` with all heads (:data:`CURVE_SETUP`), ``--curve-steps``
 (30) steps of plain SGD (``torch.optim.SGD`` over the parameters that require gradients,
@@ -61,6 +62,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the set-ups' checkpoint edits are shared with the tests that replay them (tests/parity)
 sys.path.insert(0, REPO_ROOT)
 from tests.parity import edited_state_dict  # noqa: E402
+
 PARITY_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference", "official_parity")
 MODELS = ("tiny_co_dino_5scale_r50_1x_coco", "tiny_co_deformable_detr_r50_1x_coco")
 # the training curve: this model and set-up, SGD with this learning rate

@@ -130,7 +130,9 @@ class MixedPrecisionMixin:
         cls.inputs = _batch(cls.load_reference())
         cls.fp32 = cls._forward(bf16=False)
         cls.bf16 = cls._forward(bf16=True)
-        cls.pinned = cls._forward(bf16=True, ranking=cls.fp32.rankings, proposals=cls.fp32.proposals)
+        cls.pinned = cls._forward(
+            bf16=True, ranking=cls.fp32.rankings, proposals=cls.fp32.proposals
+        )
 
     @classmethod
     def _forward(
@@ -175,7 +177,8 @@ class MixedPrecisionMixin:
         def recording_predict_proposals(rpn, *args):
             # the RPN's selection (top-k, NMS) on near-tied scores, like the ranking above
             run.proposals.append(
-                predict_proposals(rpn, *args) if proposals is None
+                predict_proposals(rpn, *args)
+                if proposals is None
                 else proposals[len(run.proposals)]
             )
             return run.proposals[-1]
@@ -185,7 +188,9 @@ class MixedPrecisionMixin:
             RCNNAuxRPN, "predict_proposals", recording_predict_proposals
         ), mock.patch.object(matcher, "forward", recording_forward), mock.patch.object(
             matcher, "cost_matrix", recording_cost_matrix
-        ), mock.patch.object(torch.Tensor, "topk", ranking_topk), EventStorage(), torch.autocast(
+        ), mock.patch.object(
+            torch.Tensor, "topk", ranking_topk
+        ), EventStorage(), torch.autocast(
             "cpu", dtype=torch.bfloat16, enabled=bf16
         ):
             run.losses = {k: v.detach() for k, v in cls.model(cls.inputs).items()}
@@ -311,7 +316,10 @@ class TestCoDeformableDETRMixedPrecisionLosses(MixedPrecisionMixin, unittest.Tes
     load_reference = staticmethod(load_co_deformable_detr_outputs)
     # the decoder's matching queries (the encoder loss covers every position, in any order);
     # the positive queries of the R-CNN branch (aux0): its RoIs are the RPN's selection
-    ranking_dependent = [r"(d\d+\.)?loss_(class|bbox|giou)", r"(d\d+\.)?loss_(class|bbox|giou)_aux0"]
+    ranking_dependent = [
+        r"(d\d+\.)?loss_(class|bbox|giou)",
+        r"(d\d+\.)?loss_(class|bbox|giou)_aux0",
+    ]
 
 
 if __name__ == "__main__":

@@ -51,7 +51,11 @@ AUX_LOSS_NAMES = {
         "loss_cls": "loss_cls",
         "loss_bbox": "loss_box_reg",
     },
-    "one-stage": {"loss_cls": "loss_cls", "loss_bbox": "loss_bbox", "loss_centerness": "loss_centerness"},
+    "one-stage": {
+        "loss_cls": "loss_cls",
+        "loss_bbox": "loss_bbox",
+        "loss_centerness": "loss_centerness",
+    },
 }
 
 # where the authors' code draws -> the purpose our code asks random_draws() for
@@ -66,7 +70,10 @@ DRAW_PURPOSES = (
 # mmdet's RandomSampler draws for both R-CNN stages: (caller that tells the stage, stage),
 # (sampler method, kind)
 SAMPLER_STAGES = (("anchor_head.py:_get_targets_single", "rpn"), ("co_roi_head.py:", "roi"))
-SAMPLER_KINDS = (("random_sampler.py:_sample_pos", "positive"), ("random_sampler.py:_sample_neg", "negative"))
+SAMPLER_KINDS = (
+    ("random_sampler.py:_sample_pos", "positive"),
+    ("random_sampler.py:_sample_neg", "negative"),
+)
 
 
 class ReplayedDraws(RandomDraws):

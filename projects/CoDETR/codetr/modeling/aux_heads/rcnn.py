@@ -44,7 +44,9 @@ class RCNNAuxRPN(RPN):
       (:func:`valid_anchor_mask`; detectron2 uses every anchor of the padded batch);
     * anchors are sampled by :func:`sample_in_order` (purpose ``"rpn"``);
     * both losses are divided by the number of sampled anchors summed over images, each image's
-      positives and negatives counted as at least 1 (detectron2: ``256 * num_images``).
+      positives and negatives counted as at least 1 (detectron2: ``256 * num_images``);
+    * proposals are ranked by float32 probability, ties in the authors' order
+      (:meth:`predict_proposals`; detectron2 ranks by logit).
 
     Matching is the ``anchor_matcher`` given (the authors': :class:`LowQualityMatcher`).
     """
@@ -117,14 +119,19 @@ class RCNNAuxRPN(RPN):
         gt_labels, matched_gt_boxes = [], []
         for instances in gt_instances:
             valid = valid_anchor_mask(
-                anchors, self.anchor_generator.strides, self.anchor_generator.offset,
+                anchors,
+                self.anchor_generator.strides,
+                self.anchor_generator.offset,
                 instances.image_size,
             )
             gt_boxes = instances.gt_boxes
             matches, match_labels = self.anchor_matcher(pairwise_iou(gt_boxes, all_anchors[valid]))
             positive, negative = sample_in_order(
-                match_labels.to(gt_boxes.device), self.batch_size_per_image,
-                self.positive_fraction, 0, "rpn",
+                match_labels.to(gt_boxes.device),
+                self.batch_size_per_image,
+                self.positive_fraction,
+                0,
+                "rpn",
             )
             valid_labels = torch.full_like(matches, -1)
             valid_labels[positive] = 1
@@ -382,8 +389,8 @@ def build_rcnn_aux_head(
     RPN: one 3x3 conv; per level ``anchor_scales_per_octave`` anchor sizes
     ``stride * anchor_octave_base_scale * 2^(i / anchor_scales_per_octave)`` times each aspect
     ratio (ratio-major), centred on ``stride * (x, y)`` (offset 0); IoU matching 0.3 / 0.7 with
-    low-quality matches (IoU >= 0.3); 256 anchors sampled at 0.5 positive; L1 on deltas (weights 1, 1, 1, 1); NMS per
-    level. RoI head: 7x7 aligned RoIAlign (adaptive sampling) on ``roi_in_features``; two FC
+    low-quality matches (IoU >= 0.3); 256 anchors sampled at 0.5 positive; L1 on deltas
+    (weights 1, 1, 1, 1); NMS per level. RoI head: 7x7 aligned RoIAlign (adaptive sampling) on ``roi_in_features``; two FC
     layers of ``fc_dim``; class-specific regression with weights (10, 10, 5, 5) trained with GIoU
     on the decoded boxes; IoU matching at 0.5 without low-quality matches; 512 RoIs sampled at
     0.25 positive, ground-truth boxes added as proposals.
