@@ -32,6 +32,8 @@ model.aux_heads = [
         rpn_loss_weight=1.0,
         cls_loss_weight=1.0,
         giou_loss_weight=10.0,
+        # matching, sampling and normalisers as the authors' code ("detectron2": detectron2's)
+        training_conventions="authors",
     ),
     L(ATSSHead)(
         input_shape=AUX_INPUT_SHAPE,

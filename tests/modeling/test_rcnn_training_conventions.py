@@ -106,13 +106,12 @@ class TestValidAnchorMask(unittest.TestCase):
                         mask += [y < rows and x < cols] * 3
             return mask
 
+        masks = valid_anchor_mask(anchors, [4, 8], 0.0, [(9, 16), (5, 7)])
         # 9 x 16 image: ceil(9 / 4) = 3 rows at stride 4, ceil(9 / 8) = 2 at stride 8
-        mask = valid_anchor_mask(anchors, [4, 8], 0.0, (9, 16))
-        self.assertEqual(mask.tolist(), expected(3, 4, 2, 2))
+        self.assertEqual(masks[0].tolist(), expected(3, 4, 2, 2))
         # 5 x 7: 2 x 2 locations at stride 4, 1 x 1 at stride 8
-        mask = valid_anchor_mask(anchors, [4, 8], 0.0, (5, 7))
-        self.assertEqual(mask.tolist(), expected(2, 2, 1, 1))
-        self.assertEqual(int(mask.sum()), 15)
+        self.assertEqual(masks[1].tolist(), expected(2, 2, 1, 1))
+        self.assertEqual(int(masks[1].sum()), 15)
 
 
 def _rpn(**kwargs):

@@ -42,29 +42,28 @@ def valid_anchor_mask(
     anchors_per_level: List[Boxes],
     strides: Sequence[int],
     offset: float,
-    image_size: Tuple[int, int],
+    image_sizes: Sequence[Tuple[int, int]],
 ) -> Tensor:
     """
-    The anchors whose location lies within the image's ``ceil(size / stride)`` cells on its
+    The anchors whose location lies within each image's ``ceil(size / stride)`` cells on its
     level: mmdet's valid flags, which leave out the locations that exist only because the batch
-    is padded to a larger image (``image_size`` plays their per-image ``pad_shape``).
+    is padded to a larger image (an image's size plays their per-image ``pad_shape``).
 
     Args:
         anchors_per_level: per level, (H_l * W_l * A, 4) anchors of a generator with this
             ``offset`` (centres at ``stride * (x + offset, y + offset)``).
         strides: each level's stride.
-        image_size: (height, width) of the image.
+        image_sizes: (height, width) of each of the B images.
 
     Returns:
-        (sum_l H_l * W_l * A,) bool.
+        (B, sum_l H_l * W_l * A) bool.
     """
-    masks = []
-    for anchors, stride in zip(anchors_per_level, strides):
-        centres = anchors.get_centers()  # (N, 2) x, y
-        # the location of an anchor, from its centre (exact up to rounding, hence round())
-        locations = torch.round(centres / stride - offset)
-        limits = centres.new_tensor(
-            [math.ceil(image_size[1] / stride), math.ceil(image_size[0] / stride)]
-        )
-        masks.append((locations < limits).all(dim=1))
-    return torch.cat(masks)
+    centres = torch.cat([anchors.get_centers() for anchors in anchors_per_level])  # (A, 2) x, y
+    anchor_strides = torch.cat(
+        [centres.new_full((len(a),), float(s)) for a, s in zip(anchors_per_level, strides)]
+    )[:, None]
+    # the location of an anchor, from its centre (exact up to rounding, hence round())
+    locations = torch.round(centres / anchor_strides - offset)
+    sizes = centres.new_tensor([[width, height] for height, width in image_sizes])  # (B, 2)
+    limits = torch.ceil(sizes[:, None, :] / anchor_strides[None])  # (B, A, 2)
+    return (locations[None] < limits).all(dim=2)

@@ -358,12 +358,11 @@ class ATSSHead(nn.Module):
         num_anchors_per_level = [len(a) for a in anchors_per_level]
         anchors = Boxes.cat(anchors_per_level).tensor
 
-        valid_masks = [
+        valid_masks = list(
             valid_anchor_mask(
-                anchors_per_level, self.strides, self.anchor_generator.offset, image_size
+                anchors_per_level, self.strides, self.anchor_generator.offset, images.image_sizes
             )
-            for image_size in images.image_sizes
-        ]
+        )
         labels, target_boxes = self.label_anchors(
             anchors, num_anchors_per_level, valid_masks, gt_instances
         )

@@ -62,11 +62,11 @@ class RCNNAuxRPN(RPN):
         """
         The authors' proposals: per level, the ``pre_nms_topk`` highest probabilities (all
         anchors, in their order, where there are fewer), boxes clipped to the image, empty ones
-        dropped, NMS per level, the ``post_nms_topk`` best kept.
+        dropped, NMS per level, the ``post_nms_topk`` best kept, ties in the order of that list.
 
         Written here because detectron2's ``find_top_rpn_proposals`` ranks by logit: float32
-        probabilities tie where logits differ by ~1e-7, and the authors' order among ties (by
-        position in the list above) decides which proposals their sampler draws.
+        probabilities tie where logits differ by ~1e-7, and the order among ties decides which
+        proposals the sampler draws.
 
         Returns:
             per image, ``Instances`` with ``proposal_boxes`` (P, 4) and ``objectness_logits`` (P,)
@@ -75,27 +75,39 @@ class RCNNAuxRPN(RPN):
         proposals = self._decode_proposals(anchors, pred_anchor_deltas)  # per level (B, N_l, 4)
         pre_nms_topk = self.pre_nms_topk[self.training]
         post_nms_topk = self.post_nms_topk[self.training]
+        # per level (B, K_l) probabilities, float32 (half-precision ones would tie in large
+        # numbers), and the (B, K_l, 4) boxes
+        level_scores, level_boxes = [], []
+        for boxes, logits in zip(proposals, pred_objectness_logits):
+            scores = logits.float().sigmoid()
+            if scores.shape[1] > pre_nms_topk:
+                # a sort, as the authors' code: torch's top-k orders ties otherwise, which
+                # changes the proposals kept at the cut
+                scores, order = scores.sort(dim=1, descending=True)
+                scores, order = scores[:, :pre_nms_topk], order[:, :pre_nms_topk]
+                boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+            level_scores.append(scores)
+            level_boxes.append(boxes.float())
         results = []
         for image, image_size in enumerate(image_sizes):
-            boxes, scores, levels = [], [], []
-            for level, (level_boxes, logits) in enumerate(zip(proposals, pred_objectness_logits)):
-                # float32: half-precision probabilities would tie in large numbers
-                level_boxes = level_boxes[image].float()
-                level_scores = logits[image].float().sigmoid()
-                if level_scores.numel() > pre_nms_topk:
-                    level_scores, order = level_scores.sort(descending=True)
-                    level_scores = level_scores[:pre_nms_topk]
-                    level_boxes = level_boxes[order[:pre_nms_topk]]
-                boxes.append(level_boxes)
-                scores.append(level_scores)
-                levels.append(torch.full_like(level_scores, level))
-            boxes, scores, levels = Boxes(torch.cat(boxes)), torch.cat(scores), torch.cat(levels)
+            boxes = Boxes(torch.cat([b[image] for b in level_boxes]))
+            scores = torch.cat([s[image] for s in level_scores])
+            levels = torch.cat([torch.full_like(s[image], l) for l, s in enumerate(level_scores)])
             boxes.clip(image_size)
             kept = boxes.nonempty(threshold=self.min_box_size)
             boxes, scores, levels = boxes[kept], scores[kept], levels[kept]
-            # NMS per level by shifting each level's boxes apart (as mmcv's batched_nms)
+            # NMS per level on boxes shifted apart by level, as mmcv's batched_nms (the same
+            # coordinates, so the same IoUs), one level at a time (cheaper than all at once),
+            # then best first, ties in list order
             shifted = boxes.tensor + (levels * (boxes.tensor.max() + 1))[:, None]
-            keep = torchvision.ops.nms(shifted, scores, self.nms_thresh)[:post_nms_topk]
+            keep = []
+            for level in range(len(level_scores)):
+                members = torch.nonzero(levels == level).squeeze(1)
+                keep.append(
+                    members[torchvision.ops.nms(shifted[members], scores[members], self.nms_thresh)]
+                )
+            keep = torch.cat(keep)
+            keep = keep[scores[keep].sort(descending=True, stable=True).indices][:post_nms_topk]
             instances = Instances(image_size)
             instances.proposal_boxes = boxes[keep]
             instances.objectness_logits = scores[keep]
@@ -116,14 +128,14 @@ class RCNNAuxRPN(RPN):
             and (R, 4) matched ground-truth boxes (zeros where no ground truth).
         """
         all_anchors = Boxes.cat(anchors)
+        valid_masks = valid_anchor_mask(
+            anchors,
+            self.anchor_generator.strides,
+            self.anchor_generator.offset,
+            [instances.image_size for instances in gt_instances],
+        )
         gt_labels, matched_gt_boxes = [], []
-        for instances in gt_instances:
-            valid = valid_anchor_mask(
-                anchors,
-                self.anchor_generator.strides,
-                self.anchor_generator.offset,
-                instances.image_size,
-            )
+        for instances, valid in zip(gt_instances, valid_masks):
             gt_boxes = instances.gt_boxes
             matches, match_labels = self.anchor_matcher(pairwise_iou(gt_boxes, all_anchors[valid]))
             positive, negative = sample_in_order(

@@ -47,10 +47,10 @@ class LowQualityMatcher(Matcher):
             return matches, match_labels
         highest = match_quality_matrix.max(dim=1, keepdim=True).values  # (G, 1)
         best = (match_quality_matrix == highest) & (highest >= self.min_low_quality_iou)
-        num_gt = best.shape[0]
-        # the last ground truth for which the prediction is among the best
-        last = num_gt - 1 - best.flip(0).to(torch.uint8).argmax(dim=0)
-        low_quality = best.any(dim=0)
+        # the last ground truth for which the prediction is among the best (1-based, 0: none)
+        numbers = torch.arange(1, best.shape[0] + 1, dtype=torch.int32, device=best.device)
+        last = (best.int() * numbers[:, None]).max(dim=0).values.long() - 1
+        low_quality = last >= 0
         matches = torch.where(low_quality, last, matches)
         match_labels[low_quality] = 1
         return matches, match_labels
