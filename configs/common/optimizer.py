@@ -3,7 +3,9 @@ The authors' optimizer: AdamW, lr 2e-4, betas (0.9, 0.999), weight decay 1e-4 on
 parameter (norms and biases included), backbone learning rate x0.1. Gradient clipping (global
 norm 0.1) is set in ``train.clip_grad`` (``configs/common/train.py``).
 
-Co-Deformable-DETR also trains ``sampling_offsets`` and ``reference_points`` at x0.1::
+Co-Deformable-DETR also trains ``sampling_offsets`` at x0.1 (the authors' recipe names
+``reference_points`` too, a layer of their one-stage Deformable DETR that the two-stage model
+does not have)::
 
     optimizer.params.lr_factor_func = partial(
         lr_factor, backbone_multiplier=0.1, linear_projection_multiplier=0.1

@@ -46,7 +46,8 @@ class TestLrFactor(unittest.TestCase):
             ),
             0.2,
         )
-        self.assertEqual(lr_factor("query_head.transformer.reference_points.weight", **factor), 0.2)
+        # no layer of ours is the authors' one-stage "reference_points": not a key
+        self.assertEqual(lr_factor("query_head.reference_points.weight", **factor), 1.0)
         self.assertEqual(
             lr_factor(
                 "query_head.transformer.decoder.layers.3.attentions.1" ".attention_weights.weight",

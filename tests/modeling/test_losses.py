@@ -87,7 +87,7 @@ class TestDetectionLoss(unittest.TestCase):
         total = focal(1.5, 0) + focal(-0.5, 1) + focal(0.2, 0) + focal(-2.0, 0)
         criterion = DetectionLoss(num_classes=2, class_loss="focal", class_weight=2.0)
         losses = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
-                           num_positives=1.0, class_normalizer=3.0)
+                           num_positives=3.0)
         torch.testing.assert_close(losses["loss_class"], torch.tensor(total / 3.0 * 2.0))
         torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.0))
         torch.testing.assert_close(losses["loss_giou"], torch.tensor(0.0), atol=1e-6, rtol=0)
@@ -103,9 +103,8 @@ class TestDetectionLoss(unittest.TestCase):
         )
         logits = torch.zeros(1, 3, 3)
         criterion = DetectionLoss(num_classes=3, class_loss="focal", class_weight=2.0)
-        # the class normaliser does not touch the box losses
         losses = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
-                           num_positives=4.0, class_normalizer=7.0)
+                           num_positives=4.0)
         giou_sum = (1 - 1 / 3) + (1 + 0.06 / 0.14)
         torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.6 / 4.0 * 5.0))
         torch.testing.assert_close(losses["loss_giou"], torch.tensor(giou_sum / 4.0 * 2.0))
@@ -148,25 +147,13 @@ class TestDetectionLoss(unittest.TestCase):
         logits = torch.tensor([[[0.4, -0.3], [1.0, 0.0]]], requires_grad=True)
         criterion = DetectionLoss(num_classes=2, class_loss="quality_focal", class_weight=1.0)
         losses = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
-                           num_positives=2.0, class_normalizer=5.0)
+                           num_positives=5.0)
         expected = quality_focal_loss(
             logits.detach()[0], labels[0], torch.tensor([1 / 7, 0.0])
         ).sum() / 5.0
         torch.testing.assert_close(losses["loss_class"], expected)
         box_gradient, = torch.autograd.grad(losses["loss_class"], boxes, allow_unused=True)
         self.assertIsNone(box_gradient)
-
-    def test_class_normalizer_defaults_to_num_positives(self):
-        logits = torch.tensor([[[0.4, -0.3], [1.0, 0.0]]])
-        boxes, labels, target_boxes = _dense(
-            [[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]], [0, 2], [[0.5, 0.5, 0.2, 0.2]] * 2
-        )
-        criterion = DetectionLoss(num_classes=2, class_loss="quality_focal", class_weight=3.0)
-        default = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
-                            num_positives=2.5)
-        explicit = criterion(logits, boxes, labels, target_boxes, box_normalizers=_pixels(1),
-                             num_positives=1.0, class_normalizer=2.5)
-        torch.testing.assert_close(default["loss_class"], explicit["loss_class"])
 
     def test_all_background(self):
         torch.manual_seed(0)

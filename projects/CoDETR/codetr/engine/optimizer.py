@@ -15,8 +15,9 @@ from detectron2.solver.build import _generate_optimizer_class_with_gradient_clip
 __all__ = ["lr_factor", "add_gradient_clipping"]
 
 # Parameter-name keys of the deformable attention's linear projections that the
-# Co-Deformable-DETR recipe trains with a smaller learning rate.
-_LINEAR_PROJECTION_KEYS: Tuple[str, ...] = ("sampling_offsets", "reference_points")
+# Co-Deformable-DETR recipe trains with a smaller learning rate. (The authors' recipe also
+# names "reference_points", a layer only their one-stage Deformable DETR has: none of ours.)
+_LINEAR_PROJECTION_KEYS: Tuple[str, ...] = ("sampling_offsets",)
 # Name suffix of the classes made by ``_generate_optimizer_class_with_gradient_clipping``.
 _CLIPPING_SUFFIX = "WithGradientClip"
 
@@ -33,7 +34,7 @@ def lr_factor(
         name: full parameter name, e.g. ``"backbone.res2.0.conv1.weight"``.
         backbone_multiplier: multiplier of parameters whose name contains ``"backbone"``.
         linear_projection_multiplier: multiplier of parameters whose name contains
-            ``"sampling_offsets"`` or ``"reference_points"`` (0.1 for Co-Deformable-DETR).
+            ``"sampling_offsets"`` (0.1 for Co-Deformable-DETR).
             The default 1.0 means the recipe has no such keys (Co-DINO), so these
             parameters follow the other rules.
 

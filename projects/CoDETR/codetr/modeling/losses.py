@@ -3,8 +3,8 @@ Losses of the DETR-style query heads (Co-DINO and Co-Deformable-DETR).
 
 :class:`DetectionLoss` takes dense per-query targets, so one class serves every loss of a
 query head; only the assignment and the normalisers differ between the loss groups. How the
-authors choose them (``num_positives`` is the box-loss normaliser; the class normaliser is the
-same value in every official config, so ``class_normalizer`` is left at its default):
+authors choose them (``num_positives`` normalises the box losses and, as in every official
+config, the class loss):
 
 ============================  ==============================  ================================
 loss group                    assignment (outside the loss)   num_positives (= class normaliser)
@@ -34,7 +34,7 @@ weight 1 in every group (the authors' ``use_zero_padding`` option is off), so th
 per-query weights.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -173,7 +173,6 @@ class DetectionLoss(nn.Module):
         *,
         box_normalizers: torch.Tensor,
         num_positives: float,
-        class_normalizer: Optional[float] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -186,9 +185,8 @@ class DetectionLoss(nn.Module):
                 the GIoU loss is computed on boxes scaled back to pixels, as in the authors'
                 code (the same value; scaling moves where rounding makes coordinates tie, and
                 a tie decides which side of a min / max gets the gradient).
-            num_positives: normaliser of the box losses, already averaged across workers
-                and clamped (:func:`average_across_workers`).
-            class_normalizer: normaliser of the class loss; defaults to ``num_positives``.
+            num_positives: normaliser of the class and box losses, already averaged across
+                workers and clamped (:func:`average_across_workers`).
 
         Returns:
             dict with scalar tensors "loss_class", "loss_bbox" (L1) and "loss_giou".
@@ -214,9 +212,6 @@ class DetectionLoss(nn.Module):
                 f"target_labels must have shape {tuple(batch_queries)}, "
                 f"got {tuple(target_labels.shape)}"
             )
-        if class_normalizer is None:
-            class_normalizer = num_positives
-
         logits = logits.flatten(0, 1).float()
         boxes = boxes.flatten(0, 1).float()
         labels = target_labels.flatten()
@@ -249,7 +244,7 @@ class DetectionLoss(nn.Module):
             positive_boxes * pixels, positive_target_boxes * pixels, reduction="sum", eps=_GIOU_EPS
         )
         return {
-            "loss_class": class_loss / class_normalizer * self.class_weight,
+            "loss_class": class_loss / num_positives * self.class_weight,
             "loss_bbox": l1_loss / num_positives * self.l1_weight,
             "loss_giou": giou_loss / num_positives * self.giou_weight,
         }

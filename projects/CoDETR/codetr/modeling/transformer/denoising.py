@@ -32,7 +32,6 @@ class DenoisingQueries:
             queries cannot see denoising queries and groups cannot see each other.
         target_labels: (B, D) int64, the true class for positives, num_classes otherwise.
         target_boxes: (B, D, 4) normalised cxcywh target of positives (zeros otherwise).
-        num_positives: number of positive queries in the batch.
     """
 
     content: Tensor
@@ -40,7 +39,6 @@ class DenoisingQueries:
     self_attn_mask: Tensor
     target_labels: Tensor
     target_boxes: Tensor
-    num_positives: int
 
     @property
     def num_queries(self) -> int:
@@ -153,5 +151,4 @@ class ContrastiveDenoising(nn.Module):
             self_attn_mask=mask,
             target_labels=target_labels,
             target_boxes=target_boxes,
-            num_positives=int(positive.sum()),
         )
