@@ -3,13 +3,9 @@ import unittest
 
 import torch
 
-from codetr.modeling.losses import (
-    DetectionLoss,
-    average_across_workers,
-    hungarian_targets,
-    quality_focal_loss,
-)
-from codetr.modeling.matcher import HungarianMatcher
+from codetr.modeling.distributed import average_across_workers
+from codetr.modeling.losses import DetectionLoss, quality_focal_loss
+from codetr.modeling.matcher import HungarianMatcher, hungarian_targets
 
 
 def _sigmoid(x):

@@ -26,33 +26,25 @@ loss group                    assignment (outside the loss)   num_positives (= c
 ============================  ==============================  ================================
 
 In every row the count is averaged across workers and clamped to >= 1 with
-:func:`average_across_workers` before it is passed in. In the authors' code the class
-normaliser is ``num_pos + bg_cls_weight * num_neg`` with ``bg_cls_weight = 0`` for sigmoid
-classifiers, averaged across workers (``sync_cls_avg_factor=True`` in every config) and
-clamped to >= 1, i.e. the same number as the box normaliser. Every query has classification
+:func:`codetr.modeling.distributed.average_across_workers` before it is passed in. In the
+authors' code the class normaliser is ``num_pos + bg_cls_weight * num_neg`` with
+``bg_cls_weight = 0`` for sigmoid classifiers, averaged across workers
+(``sync_cls_avg_factor=True`` in every config) and clamped to >= 1, i.e. the same number as
+the box normaliser. Every query has classification
 weight 1 in every group (the authors' ``use_zero_padding`` option is off), so there are no
 per-query weights.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from codetr.layers.box_ops import box_cxcywh_to_xyxy
 
-from .matcher import HungarianMatcher
-
-__all__ = [
-    "quality_focal_loss",
-    "DetectionLoss",
-    "average_across_workers",
-    "hungarian_targets",
-]
+__all__ = ["quality_focal_loss", "DetectionLoss"]
 
 # Added to the union and enclosing area of the GIoU loss (boxes in pixels). The authors bound
 # those areas from below by 1e-6 instead; the two differ only for boxes of near-zero area.
@@ -248,66 +240,3 @@ class DetectionLoss(nn.Module):
             "loss_bbox": l1_loss / num_positives * self.l1_weight,
             "loss_giou": giou_loss / num_positives * self.giou_weight,
         }
-
-
-def average_across_workers(value: float, device: torch.device) -> float:
-    """
-    Mean of ``value`` over the distributed workers, clamped to >= 1.
-
-    Args:
-        value: this worker's count (e.g. its number of positive queries).
-        device: device of the tensor used for the all-reduce (must suit the backend).
-
-    Returns:
-        max(mean over workers, 1.0); ``max(value, 1.0)`` when not distributed.
-    """
-    world_size = comm.get_world_size()
-    if world_size > 1:
-        tensor = torch.tensor([value / world_size], dtype=torch.float32, device=device)
-        dist.all_reduce(tensor)
-        value = tensor.item()
-    return max(float(value), 1.0)
-
-
-def hungarian_targets(
-    matcher: HungarianMatcher,
-    logits: torch.Tensor,
-    boxes: torch.Tensor,
-    targets: List[Dict[str, torch.Tensor]],
-    num_classes: int,
-) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """
-    Matches every image's queries to its ground truth and writes dense per-query targets.
-
-    Args:
-        matcher: the one-to-one matcher.
-        logits: (B, Q, K) classification logits.
-        boxes: (B, Q, 4) predicted boxes, normalised (cx, cy, w, h).
-        targets: B dicts with "labels" (G,) int64 and "boxes" (G, 4) normalised (cx, cy, w, h).
-        num_classes: K; the label of unmatched queries.
-
-    Returns:
-        target_labels: (B, Q) int64, the matched ground-truth label or K.
-        target_boxes: (B, Q, 4), the matched ground-truth box or zeros.
-        num_matched: number of matched queries in the batch (before averaging across workers).
-    """
-    if logits.dim() != 3 or len(targets) != logits.shape[0]:
-        raise ValueError(
-            f"expected logits (B, Q, K) and B targets, got {tuple(logits.shape)} and "
-            f"{len(targets)} targets"
-        )
-    batch_size, num_queries = logits.shape[:2]
-    target_labels = torch.full(
-        (batch_size, num_queries), num_classes, dtype=torch.int64, device=logits.device
-    )
-    target_boxes = boxes.new_zeros(batch_size, num_queries, 4)
-    num_matched = 0
-    for image_index, target in enumerate(targets):
-        gt_labels, gt_boxes = target["labels"], target["boxes"]
-        query_indices, gt_indices = matcher(
-            logits[image_index], boxes[image_index], gt_labels, gt_boxes
-        )
-        target_labels[image_index, query_indices] = gt_labels[gt_indices]
-        target_boxes[image_index, query_indices] = gt_boxes[gt_indices].to(target_boxes.dtype)
-        num_matched += len(query_indices)
-    return target_labels, target_boxes, num_matched

@@ -6,7 +6,7 @@ classification cost, an L1 cost on normalised (cx, cy, w, h) boxes and a negativ
 generalized-IoU cost, each multiplied by its weight and summed.
 """
 
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -15,7 +15,7 @@ from torchvision.ops import generalized_box_iou
 
 from codetr.layers.box_ops import box_cxcywh_to_xyxy
 
-__all__ = ["HungarianMatcher"]
+__all__ = ["HungarianMatcher", "hungarian_targets"]
 
 
 class HungarianMatcher(nn.Module):
@@ -127,3 +127,47 @@ class HungarianMatcher(nn.Module):
             torch.as_tensor(query_indices, dtype=torch.int64, device=logits.device),
             torch.as_tensor(gt_indices, dtype=torch.int64, device=logits.device),
         )
+
+
+def hungarian_targets(
+    matcher: HungarianMatcher,
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    targets: List[Dict[str, torch.Tensor]],
+    num_classes: int,
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """
+    Matches every image's queries to its ground truth and writes dense per-query targets.
+
+    Args:
+        matcher: the one-to-one matcher.
+        logits: (B, Q, K) classification logits.
+        boxes: (B, Q, 4) predicted boxes, normalised (cx, cy, w, h).
+        targets: B dicts with "labels" (G,) int64 and "boxes" (G, 4) normalised (cx, cy, w, h).
+        num_classes: K; the label of unmatched queries.
+
+    Returns:
+        target_labels: (B, Q) int64, the matched ground-truth label or K.
+        target_boxes: (B, Q, 4), the matched ground-truth box or zeros.
+        num_matched: number of matched queries in the batch (before averaging across workers).
+    """
+    if logits.dim() != 3 or len(targets) != logits.shape[0]:
+        raise ValueError(
+            f"expected logits (B, Q, K) and B targets, got {tuple(logits.shape)} and "
+            f"{len(targets)} targets"
+        )
+    batch_size, num_queries = logits.shape[:2]
+    target_labels = torch.full(
+        (batch_size, num_queries), num_classes, dtype=torch.int64, device=logits.device
+    )
+    target_boxes = boxes.new_zeros(batch_size, num_queries, 4)
+    num_matched = 0
+    for image_index, target in enumerate(targets):
+        gt_labels, gt_boxes = target["labels"], target["boxes"]
+        query_indices, gt_indices = matcher(
+            logits[image_index], boxes[image_index], gt_labels, gt_boxes
+        )
+        target_labels[image_index, query_indices] = gt_labels[gt_indices]
+        target_boxes[image_index, query_indices] = gt_boxes[gt_indices].to(target_boxes.dtype)
+        num_matched += len(query_indices)
+    return target_labels, target_boxes, num_matched

@@ -36,7 +36,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from ..losses import average_across_workers
+from ..distributed import average_across_workers
 from .anchors import valid_anchor_mask
 from .base import AssignedCoords
 

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from codetr.layers import MLP, MultiScaleDeformableAttention, SinePositionEmbedding
 
-from ..losses import DetectionLoss, average_across_workers, hungarian_targets
-from ..matcher import HungarianMatcher
+from ..distributed import average_across_workers
+from ..losses import DetectionLoss
+from ..matcher import HungarianMatcher, hungarian_targets
 from ..transformer import (
     DeformableDecoder,
     DeformableEncoder,
