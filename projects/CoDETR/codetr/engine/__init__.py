@@ -9,20 +9,11 @@ from .checkpointer import (
     min_loaded_shares,
 )
 from .cpu_runtime import flush_denormals, reuse_freed_memory
+from .device import amp_precision, autocast_to, default_device, inference_precision, train_device
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping, lr_factor
 from .predictor import LazyPredictor
-from .trainer import (
-    DeviceAMPTrainer,
-    LazyConfigTrainer,
-    amp_precision,
-    autocast_to,
-    default_device,
-    drop_metrics_from,
-    inference_precision,
-    load_lazy_config,
-    train_device,
-)
+from .trainer import DeviceAMPTrainer, LazyConfigTrainer, drop_metrics_from, load_lazy_config
 
 __all__ = [
     "AtomicCheckpointer",

@@ -15,7 +15,7 @@ from detectron2.structures import Instances
 from omegaconf import DictConfig
 
 from .checkpointer import AtomicCheckpointer, min_loaded_shares
-from .trainer import autocast_to, inference_precision, train_device
+from .device import autocast_to, inference_precision, train_device
 
 __all__ = ["LazyPredictor"]
 

@@ -36,71 +36,18 @@ from omegaconf import DictConfig, OmegaConf
 import codetr.data  # noqa: F401  (registers the project's datasets)
 
 from .checkpointer import AtomicCheckpointer, min_loaded_shares
+from .device import AMP_PRECISIONS, amp_precision, autocast_to, inference_precision, train_device
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping
 
 __all__ = [
-    "amp_precision",
-    "autocast_to",
-    "inference_precision",
-    "default_device",
     "drop_metrics_from",
-    "train_device",
     "load_lazy_config",
     "DeviceAMPTrainer",
     "LazyConfigTrainer",
 ]
 
 logger = logging.getLogger(__name__)
-
-_AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def amp_precision(name: str, device: torch.device) -> torch.dtype:
-    """
-    The autocast dtype named by ``name``, "float16", "bfloat16" or "auto" (float16 on CUDA,
-    bfloat16 on other devices, where float16 autocast is slow or missing).
-    """
-    if name == "auto":
-        name = "float16" if device.type == "cuda" else "bfloat16"
-    if name not in _AMP_PRECISIONS:
-        raise ValueError(f"AMP precision must be 'auto', 'float16' or 'bfloat16', got {name!r}")
-    return _AMP_PRECISIONS[name]
-
-
-def autocast_to(device_type: str, precision: Optional[torch.dtype]) -> torch.autocast:
-    """``torch.autocast`` on ``device_type`` in ``precision``; a disabled one when None."""
-    return torch.autocast(device_type, dtype=precision, enabled=precision is not None)
-
-
-def inference_precision(cfg: DictConfig) -> Optional[torch.dtype]:
-    """
-    The autocast dtype of inference on ``train_device(cfg)`` by ``cfg.train.inference_amp``
-    (``enabled``, ``precision`` as in :func:`amp_precision`); None when it is not enabled.
-    """
-    amp = cfg.train.inference_amp
-    if not amp.enabled:
-        return None
-    try:
-        return amp_precision(amp.precision, train_device(cfg))
-    except ValueError as e:
-        raise ValueError(f"cfg.train.inference_amp.precision: {e}") from None
-
-
-def default_device() -> str:
-    """
-    The device to train on when the config does not name one: CUDA when a GPU is
-    visible, else ``"cpu"``. Configs call it lazily (``L(default_device)()``) so that the
-    choice is made on the machine that runs the config, not on the one that wrote it.
-    """
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def train_device(cfg: DictConfig) -> torch.device:
-    """
-    The device of ``cfg.train.device``: a device string or a lazy call that returns one.
-    """
-    return torch.device(instantiate(cfg.train.device))
 
 
 def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -262,7 +209,7 @@ class DeviceAMPTrainer(AMPTrainer):
                 the gradients are unscaled.
             precision: ``torch.float16`` or ``torch.bfloat16``.
         """
-        if precision not in _AMP_PRECISIONS.values():
+        if precision not in AMP_PRECISIONS.values():
             raise ValueError(
                 f"DeviceAMPTrainer(precision=) must be float16 or bfloat16, got {precision}"
             )
