@@ -33,7 +33,6 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from codetr.data import sync_num_classes
 from codetr.engine import (
     AtomicCheckpointer,
     LazyConfigTrainer,
@@ -41,6 +40,7 @@ from codetr.engine import (
     load_lazy_config,
     min_loaded_shares,
     reuse_freed_memory,
+    sync_num_classes,
 )
 
 

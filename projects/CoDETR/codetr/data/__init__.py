@@ -17,7 +17,7 @@ from .dataset_mapper import (
     build_lsj_test_augmentation,
     build_lsj_train_augmentation,
 )
-from .metadata import sync_num_classes, thing_class_count
+from .metadata import thing_class_count
 from .toy_dataset import (
     TOY_DATASET_SPLITS,
     TOY_THING_CLASSES,
@@ -31,7 +31,6 @@ from .toy_dataset import (
 __all__ = [
     "MISSING_IMAGES_MODES",
     "load_checked_dataset_dicts",
-    "sync_num_classes",
     "thing_class_count",
     "DETR_TRAIN_MIN_SIZES",
     "LSJ_PAD_VALUE",

@@ -8,12 +8,13 @@ from .checkpointer import (
     atomic_write,
     min_loaded_shares,
 )
+from .config import load_lazy_config, sync_num_classes
 from .cpu_runtime import flush_denormals, reuse_freed_memory
 from .device import amp_precision, autocast_to, default_device, inference_precision, train_device
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping, lr_factor
 from .predictor import LazyPredictor
-from .trainer import DeviceAMPTrainer, LazyConfigTrainer, drop_metrics_from, load_lazy_config
+from .trainer import DeviceAMPTrainer, LazyConfigTrainer, drop_metrics_from
 
 __all__ = [
     "AtomicCheckpointer",
@@ -36,5 +37,6 @@ __all__ = [
     "lr_factor",
     "min_loaded_shares",
     "reuse_freed_memory",
+    "sync_num_classes",
     "train_device",
 ]

@@ -9,17 +9,16 @@ optionally ``dataloader.evaluator``, and ``train`` (see ``configs/common/train.p
 """
 
 import copy
-import difflib
 import json
 import logging
 import os
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import DatasetFromList
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model, default_writers
@@ -42,93 +41,11 @@ from .optimizer import add_gradient_clipping
 
 __all__ = [
     "drop_metrics_from",
-    "load_lazy_config",
     "DeviceAMPTrainer",
     "LazyConfigTrainer",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """
-    Load a LazyConfig file and apply command-line overrides.
-
-    Args:
-        config_file: path of a ``.py`` (or saved ``.yaml``) LazyConfig.
-        overrides: ``"a.b=value"`` strings (hydra override grammar). A key must exist in
-            the config; ``"+a.b=value"`` adds a new key.
-
-    Returns:
-        the config.
-
-    Raises:
-        FileNotFoundError: if ``config_file`` does not exist.
-        KeyError: if an override names a key that the config does not have.
-        ValueError: if an override is not of the form ``key=value``.
-    """
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"Config file {config_file!r} does not exist")
-    cfg = LazyConfig.load(config_file)
-    defaults = {}
-    for override in overrides:
-        key = _check_override_key(cfg, override, config_file)
-        defaults[override] = (key, OmegaConf.select(cfg, key, default=None))
-    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
-    for override, (key, default) in defaults.items():
-        _check_override_type(override, key, default, OmegaConf.select(cfg, key, default=None))
-    return cfg
-
-
-def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> str:
-    """The key of ``override``; raises when it is malformed or names no key of ``cfg``."""
-    key, sep, _ = override.partition("=")
-    if not sep or not key.lstrip("+"):
-        raise ValueError(f"Override {override!r} is not of the form key=value")
-    if key.startswith("+"):
-        return key[1:]  # hydra's syntax to add a key
-    missing = object()
-    if OmegaConf.select(cfg, key, default=missing) is not missing:
-        return key
-
-    parent_key, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
-    hint = ""
-    if isinstance(parent, DictConfig):
-        prefix = f"{parent_key}." if parent_key else ""
-        close = difflib.get_close_matches(leaf, [str(k) for k in parent.keys()], n=3)
-        if close:
-            hint = " Did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
-    raise KeyError(
-        f"Override {override!r}: the config {config_file!r} has no key {key!r}.{hint} "
-        f"Write '+{key}=...' to add a new key."
-    )
-
-
-def _check_override_type(override: str, key: str, default: Any, value: Any) -> None:
-    """
-    Raises TypeError when an override gives a number or boolean field of the config a value
-    of another type (``train.max_iter=abc``, ``train.amp.enabled=yes``), which would otherwise
-    fail deep inside training. An integer is accepted for a float field; ``null`` is accepted
-    everywhere (constructors take optional arguments); other fields take any value.
-    """
-    if value is None or default is None:
-        return
-    if isinstance(default, bool):
-        expected, accepted = "a boolean (true or false)", isinstance(value, bool)
-    elif isinstance(default, int):
-        expected = "an integer"
-        accepted = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        expected = "a number"
-        accepted = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        return
-    if not accepted:
-        raise TypeError(
-            f"Override {override!r}: {key} expects "
-            f"{expected} (the config has {default!r}), got {type(value).__name__} {value!r}"
-        )
 
 
 def drop_metrics_from(metrics_file: str, iteration: int) -> None:

@@ -1,0 +1,120 @@
+"""
+A LazyConfig as a job uses it: loaded with command-line overrides that are checked against
+the config (unknown keys and wrong types are refused before anything is built), and completed
+from its dataset (the class count).
+"""
+
+import difflib
+import os
+import logging
+from typing import Any, Sequence
+
+from detectron2.config import LazyConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from codetr.data import thing_class_count
+
+__all__ = ["load_lazy_config", "sync_num_classes"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """
+    Load a LazyConfig file and apply command-line overrides.
+
+    Args:
+        config_file: path of a ``.py`` (or saved ``.yaml``) LazyConfig.
+        overrides: ``"a.b=value"`` strings (hydra override grammar). A key must exist in
+            the config; ``"+a.b=value"`` adds a new key.
+
+    Returns:
+        the config.
+
+    Raises:
+        FileNotFoundError: if ``config_file`` does not exist.
+        KeyError: if an override names a key that the config does not have.
+        ValueError: if an override is not of the form ``key=value``.
+    """
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file {config_file!r} does not exist")
+    cfg = LazyConfig.load(config_file)
+    defaults = {}
+    for override in overrides:
+        key = _check_override_key(cfg, override, config_file)
+        defaults[override] = (key, OmegaConf.select(cfg, key, default=None))
+    cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    for override, (key, default) in defaults.items():
+        _check_override_type(override, key, default, OmegaConf.select(cfg, key, default=None))
+    return cfg
+
+
+def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> str:
+    """The key of ``override``; raises when it is malformed or names no key of ``cfg``."""
+    key, sep, _ = override.partition("=")
+    if not sep or not key.lstrip("+"):
+        raise ValueError(f"Override {override!r} is not of the form key=value")
+    if key.startswith("+"):
+        return key[1:]  # hydra's syntax to add a key
+    missing = object()
+    if OmegaConf.select(cfg, key, default=missing) is not missing:
+        return key
+
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    hint = ""
+    if isinstance(parent, DictConfig):
+        prefix = f"{parent_key}." if parent_key else ""
+        close = difflib.get_close_matches(leaf, [str(k) for k in parent.keys()], n=3)
+        if close:
+            hint = " Did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    raise KeyError(
+        f"Override {override!r}: the config {config_file!r} has no key {key!r}.{hint} "
+        f"Write '+{key}=...' to add a new key."
+    )
+
+
+def _check_override_type(override: str, key: str, default: Any, value: Any) -> None:
+    """
+    Raises TypeError when an override gives a number or boolean field of the config a value
+    of another type (``train.max_iter=abc``, ``train.amp.enabled=yes``), which would otherwise
+    fail deep inside training. An integer is accepted for a float field; ``null`` is accepted
+    everywhere (constructors take optional arguments); other fields take any value.
+    """
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        expected, accepted = "a boolean (true or false)", isinstance(value, bool)
+    elif isinstance(default, int):
+        expected = "an integer"
+        accepted = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        expected = "a number"
+        accepted = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return
+    if not accepted:
+        raise TypeError(
+            f"Override {override!r}: {key} expects "
+            f"{expected} (the config has {default!r}), got {type(value).__name__} {value!r}"
+        )
+
+
+def sync_num_classes(cfg: DictConfig, *, eval_only: bool = False) -> None:
+    """
+    Sets ``cfg.model.query_head.num_classes`` (the one place configs keep the class count;
+    every other module reads it from there) to the class count of the dataset the job uses:
+    the first training dataset, or the first test dataset with ``eval_only``.
+    """
+    if "num_classes" not in cfg.model.get("query_head", {}):
+        return
+    loader = cfg.dataloader.test if eval_only else cfg.dataloader.train
+    names = loader.dataset.names
+    name = names[0] if isinstance(names, (list, tuple, ListConfig)) else names
+    count = thing_class_count(name)
+    if cfg.model.query_head.num_classes != count:
+        logger.info(
+            f"model.query_head.num_classes: {cfg.model.query_head.num_classes} -> {count}, "
+            f"the number of thing_classes of {name!r}"
+        )
+        cfg.model.query_head.num_classes = count
