@@ -14,6 +14,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.solver import get_default_optimizer_params
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from fvcore.common.param_scheduler import (
     CompositeParamScheduler,
     ConstantParamScheduler,
@@ -316,6 +317,51 @@ class TestLazyConfigTrainer(unittest.TestCase):
         del cfg.dataloader.evaluator
         model = LazyConfigTrainer.build_model(cfg)
         self.assertEqual(LazyConfigTrainer.test(cfg, model), {})
+
+
+class _SquaredOutput(nn.Module):
+    """A model whose training output is one loss tensor: the mean squared linear output."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, batch):
+        return self.linear(batch).pow(2).mean()
+
+
+class TestDeviceAMPTrainer(unittest.TestCase):
+    def test_amp_trainer_options(self):
+        # a tensor loss, zero_grad_before_forward and log_grad_scaler, as AMPTrainer takes them
+        torch.manual_seed(0)
+        model = _SquaredOutput()
+        expected = _SquaredOutput()
+        expected.load_state_dict(model.state_dict())
+        batch = torch.arange(6.0).view(2, 3) / 6
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        trainer = DeviceAMPTrainer(
+            model=model,
+            data_loader=[batch],
+            optimizer=optimizer,
+            precision=torch.bfloat16,
+            zero_grad_before_forward=True,
+            log_grad_scaler=True,
+        )
+        model.linear.weight.grad = torch.full_like(model.linear.weight, 100.0)  # cleared first
+        with EventStorage(0) as storage:
+            trainer.iter = 0
+            trainer.run_step()
+        # the same step by hand: bfloat16 autocast forward, stale gradients cleared first
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = expected(batch)
+        loss.backward()
+        with torch.no_grad():
+            for parameter in expected.parameters():
+                parameter -= 0.5 * parameter.grad
+        for ours, theirs in zip(model.parameters(), expected.parameters()):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        self.assertEqual(storage.latest()["[metric]grad_scaler"][0], 1.0)  # bfloat16: unscaled
+        self.assertAlmostEqual(storage.latest()["total_loss"][0], loss.item(), places=6)
 
 
 class TestLoadLazyConfig(unittest.TestCase):

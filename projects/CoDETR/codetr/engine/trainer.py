@@ -27,7 +27,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import EventWriter
+from detectron2.utils.events import EventWriter, get_event_storage
 from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import ParamScheduler
 from omegaconf import DictConfig, OmegaConf
@@ -104,7 +104,9 @@ class DeviceAMPTrainer(AMPTrainer):
     """
     detectron2's :class:`AMPTrainer` on any device. Its ``run_step`` asserts that CUDA is
     available and uses ``torch.cuda.amp.autocast``; this one autocasts on the device of the
-    model's parameters with ``torch.autocast``, so AMP also runs on CPU (in bfloat16).
+    model's parameters with ``torch.autocast``, so AMP also runs on CPU (in bfloat16), and keeps
+    every option of :class:`AMPTrainer` (``zero_grad_before_forward``, ``log_grad_scaler``,
+    ``async_write_metrics``, ``gather_metric_period``, a tensor loss).
     Gradients are scaled only for float16: bfloat16 has the exponent range of float32.
     The grad scaler's state is checkpointed by :meth:`AMPTrainer.state_dict`.
     """
@@ -116,15 +118,21 @@ class DeviceAMPTrainer(AMPTrainer):
         data_loader: Any,
         optimizer: torch.optim.Optimizer,
         precision: torch.dtype,
+        gather_metric_period: int = 1,
+        zero_grad_before_forward: bool = False,
+        log_grad_scaler: bool = False,
+        async_write_metrics: bool = False,
     ):
         """
         Args:
-            model: returns a dict of losses in training mode.
+            model: returns a dict of losses (or one loss tensor) in training mode.
             data_loader: an iterable of training batches.
             optimizer: the optimizer; any gradient clipping must happen in its ``step``
                 (see :func:`codetr.engine.optimizer.add_gradient_clipping`), which runs after
                 the gradients are unscaled.
             precision: ``torch.float16`` or ``torch.bfloat16``.
+            gather_metric_period, zero_grad_before_forward, log_grad_scaler,
+                async_write_metrics: as :class:`AMPTrainer`.
         """
         if precision not in AMP_PRECISIONS.values():
             raise ValueError(
@@ -133,23 +141,46 @@ class DeviceAMPTrainer(AMPTrainer):
         self.device_type = next(model.parameters()).device.type
         grad_scaler = torch.amp.GradScaler(self.device_type, enabled=precision == torch.float16)
         super().__init__(
-            model, data_loader, optimizer, grad_scaler=grad_scaler, precision=precision
+            model,
+            data_loader,
+            optimizer,
+            gather_metric_period=gather_metric_period,
+            zero_grad_before_forward=zero_grad_before_forward,
+            grad_scaler=grad_scaler,
+            precision=precision,
+            log_grad_scaler=log_grad_scaler,
+            async_write_metrics=async_write_metrics,
         )
 
     def run_step(self) -> None:
+        # AMPTrainer.run_step with torch.autocast on the model's device instead of CUDA's
         assert self.model.training, "[DeviceAMPTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
         with torch.autocast(device_type=self.device_type, dtype=self.precision):
             loss_dict = self.model(data)
-            losses = sum(loss_dict.values())
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
 
-        self.optimizer.zero_grad()
         self.grad_scaler.scale(losses).backward()
+        if self.log_grad_scaler:
+            get_event_storage().put_scalar("[metric]grad_scaler", self.grad_scaler.get_scale())
         self.after_backward()
-        self._write_metrics(loss_dict, data_time)
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(
+                self._write_metrics, loss_dict, data_time, iter=self.iter
+            )
+        else:
+            self._write_metrics(loss_dict, data_time)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 
