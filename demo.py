@@ -20,17 +20,26 @@ import os
 import sys
 from typing import List, Optional
 
-import cv2
-import numpy as np
-from detectron2.data import MetadataCatalog
-from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
-from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
-from omegaconf import DictConfig
+from codetr import check_prerequisites
 
-import codetr.data  # noqa: F401  (registers the project's datasets and their metadata)
-from codetr.engine import LazyPredictor, flush_denormals, load_lazy_config, reuse_freed_memory
+check_prerequisites()  # explains a missing torch / detectron2 before they are imported
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from codetr_toy import register_toy_datasets  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from codetr.engine import (  # noqa: E402
+    LazyPredictor,
+    flush_denormals,
+    load_lazy_config,
+    reuse_freed_memory,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -102,6 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="codetr")
     setup_logger()
     flush_denormals()
+    register_toy_datasets()  # for the class names of a toy model (its config may be a yaml)
     cfg = load_lazy_config(args.config_file, args.opts)
     if not cfg.train.init_checkpoint:
         raise ValueError("No weights: give them with the override train.init_checkpoint=PATH")

@@ -28,12 +28,17 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+from codetr import check_prerequisites
 
-from codetr.engine import (
+check_prerequisites()  # explains a missing torch / detectron2 before they are imported
+
+from codetr_toy import register_toy_datasets  # noqa: E402
+from detectron2.data.datasets import register_coco_instances  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from codetr.engine import (  # noqa: E402
     AtomicCheckpointer,
     LazyConfigTrainer,
     flush_denormals,
@@ -45,7 +50,10 @@ from codetr.engine import (
 
 
 def register_datasets(specs: Optional[List[List[str]]]) -> None:
-    """Registers the ``--register-coco NAME JSON IMAGE_ROOT`` datasets in this process."""
+    """Registers, in this process, the built-in toy datasets (a saved ``config.yaml`` of a toy
+    run names them without importing the toy config) and the ``--register-coco NAME JSON
+    IMAGE_ROOT`` datasets."""
+    register_toy_datasets()
     for name, json_file, image_root in specs or []:
         for path in (json_file, image_root):
             if not os.path.exists(path):

@@ -4,18 +4,20 @@ binary encoder labels, box refinement, mixed query selection, look-forward-twice
 focal loss; a Faster R-CNN and an ATSS auxiliary head on the encoder memory (5 levels,
 strides 8..128) and their positives as customized positive queries.
 
-The number of classes is set once, at ``model.query_head.num_classes``. Ablations: see
-``co_dino_r50.py`` (the same switches).
+The number of classes is set once, at ``model.query_head.num_classes``. What the model derives
+(the heads' input shapes and class count, the positive queries' head count), the loss weights
+(lambda_1 = 1, lambda_2 = 2, x 6 decoder layers) and the ablation switches are as in
+``co_dino_r50.py``.
 """
 
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 
+from codetr.engine import LazyPartial
 from codetr.layers import SinePositionEmbedding
 from codetr.modeling import ChannelMapper, CoDETR, DeformableDETRHead
 from codetr.modeling import DeformablePositiveQueryBuilder
 from codetr.modeling.aux_heads import ATSSHead, build_rcnn_aux_head
-from codetr.modeling.backbone import build_resnet
+from codetr.modeling.backbone import build_resnet, resnet_output_shape
 from codetr.modeling.losses import DetectionLoss
 from codetr.modeling.matcher import HungarianMatcher
 from codetr.modeling.transformer import DeformableDecoder, DeformableEncoder
@@ -23,16 +25,19 @@ from codetr.modeling.transformer import DeformableDecoder, DeformableEncoder
 NUM_CLASSES = "${model.query_head.num_classes}"
 EMBED_DIM = 256
 NUM_LEVELS = 4
-AUX_FEATURES = [f"p{i}" for i in range(3, 8)]
-AUX_INPUT_SHAPE = {f"p{i}": L(ShapeSpec)(channels=EMBED_DIM, stride=2**i) for i in range(3, 8)}
 
 model = L(CoDETR)(
-    backbone=L(build_resnet)(depth=50, out_features=["res3", "res4", "res5"], freeze_at=2),
+    backbone=L(build_resnet)(
+        depth=50, base_channels=64, out_features=["res3", "res4", "res5"], freeze_at=2
+    ),
     neck=L(ChannelMapper)(
-        input_shape={
-            f"res{i}": L(ShapeSpec)(channels=256 * 2 ** (i - 2), stride=2**i) for i in range(3, 6)
-        },
-        in_features=["res3", "res4", "res5"],
+        # the backbone's outputs, read from its settings
+        input_shape=L(resnet_output_shape)(
+            depth="${model.backbone.depth}",
+            base_channels="${model.backbone.base_channels}",
+            out_features="${model.backbone.out_features}",
+        ),
+        in_features="${model.backbone.out_features}",
         out_channels=EMBED_DIM,
         num_extra_levels=1,
     ),
@@ -77,39 +82,19 @@ model = L(CoDETR)(
         soft_nms_iou_threshold=None,
     ),
     aux_heads=[
-        L(build_rcnn_aux_head)(
-            input_shape=AUX_INPUT_SHAPE,
-            in_features=AUX_FEATURES,
-            roi_in_features=AUX_FEATURES[:4],
+        LazyPartial(build_rcnn_aux_head)(
+            num_roi_levels=4,
             finest_scale=112,
-            num_classes=NUM_CLASSES,
-            # the heads' own weights; model.aux_loss_weight scales them by 12
-            rpn_loss_weight=1.0,
-            cls_loss_weight=1.0,
-            giou_loss_weight=10.0,
             # matching, sampling and normalisers as the authors' code ("detectron2": detectron2's)
             training_conventions="authors",
         ),
-        L(ATSSHead)(
-            input_shape=AUX_INPUT_SHAPE,
-            in_features=AUX_FEATURES,
-            num_classes=NUM_CLASSES,
-            num_convs=1,
-            cls_loss_weight=1.0,
-            bbox_loss_weight=2.0,
-            centerness_loss_weight=1.0,
-        ),
+        LazyPartial(ATSSHead)(num_convs=1),
     ],
-    aux_loss_weight=12.0,
-    positive_queries=L(DeformablePositiveQueryBuilder)(
-        num_heads=2,
-        embed_dim=EMBED_DIM,
-        num_classes=NUM_CLASSES,
-        min_queries=9,
-        max_queries=300,
-        loss_weight=1.0,
-        head_embed_dim=1,
+    positive_queries=LazyPartial(DeformablePositiveQueryBuilder)(
+        min_queries=9, max_queries=300, head_embed_dim=1
     ),
+    lambda_1=1.0,
+    lambda_2=2.0,
     eval_module="detr",
     pixel_mean=[123.675, 116.28, 103.53],
     pixel_std=[58.395, 57.12, 57.375],

@@ -1,56 +1,38 @@
 """
 Co-DINO R50: the DINO detector of ``dino_r50.py`` trained with collaborative hybrid
 assignments (spec §3): a Faster R-CNN and an ATSS auxiliary head on the encoder memory
-(6 levels, strides 4..128), and their positives as customized positive queries in the
-shared decoder. At inference the auxiliary branch is not run.
+(the neck's 5 levels plus one downsampled level: strides 4..128), and their positives as
+customized positive queries in the shared decoder. At inference the auxiliary branch is not
+run.
+
+The model derives what follows from its parts, so this file does not state it: the heads'
+input shapes (from the neck), their class count (from the query head), the number of
+positive-query projections (one per auxiliary head).
+
+Loss weights, as the paper's table: lambda_1 = 1.0 on the positive queries' losses,
+lambda_2 = 2.0 on the auxiliary heads' losses, which are added once per decoder layer
+(x 6 = 12) on top of each head's own weights (RPN 1, 1; RoI 1 and GIoU 10; ATSS 1, 2, 1).
 
 Ablation switches:
-- auxiliary heads off: ``model.aux_heads=[]`` and ``model.positive_queries=null``;
+- auxiliary heads (and so positive queries) off: ``model.aux_heads=[]``;
 - positive queries off: ``model.positive_queries=null``;
-- lambda_1: ``model.positive_queries.loss_weight`` (1.0);
-- lambda_2: ``model.aux_loss_weight`` (= num_decoder_layers x lambda_2 = 6 x 2.0 = 12);
-- which heads: edit the ``model.aux_heads`` list (and ``positive_queries.num_heads``).
+- lambda_1, lambda_2: ``model.lambda_1``, ``model.lambda_2``;
+- which heads: edit the ``model.aux_heads`` list.
 """
 
-from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
-
+from codetr.engine import LazyPartial
 from codetr.modeling import DINOPositiveQueryBuilder
 from codetr.modeling.aux_heads import ATSSHead, build_rcnn_aux_head
 
-from .dino_r50 import EMBED_DIM, NUM_CLASSES, model
-
-AUX_FEATURES = [f"p{i}" for i in range(2, 8)]
-AUX_INPUT_SHAPE = {f"p{i}": L(ShapeSpec)(channels=EMBED_DIM, stride=2**i) for i in range(2, 8)}
+from .dino_r50 import model
 
 model.aux_heads = [
-    L(build_rcnn_aux_head)(
-        input_shape=AUX_INPUT_SHAPE,
-        in_features=AUX_FEATURES,
-        num_classes=NUM_CLASSES,
-        # the heads' own weights; model.aux_loss_weight scales them by 12
-        rpn_loss_weight=1.0,
-        cls_loss_weight=1.0,
-        giou_loss_weight=10.0,
+    LazyPartial(build_rcnn_aux_head)(
         # matching, sampling and normalisers as the authors' code ("detectron2": detectron2's)
         training_conventions="authors",
     ),
-    L(ATSSHead)(
-        input_shape=AUX_INPUT_SHAPE,
-        in_features=AUX_FEATURES,
-        num_classes=NUM_CLASSES,
-        num_convs=1,
-        cls_loss_weight=1.0,
-        bbox_loss_weight=2.0,
-        centerness_loss_weight=1.0,
-    ),
+    LazyPartial(ATSSHead)(num_convs=1),
 ]
-model.aux_loss_weight = 12.0
-model.positive_queries = L(DINOPositiveQueryBuilder)(
-    num_heads=2,
-    embed_dim=EMBED_DIM,
-    num_classes=NUM_CLASSES,
-    min_queries=9,
-    max_queries=300,
-    loss_weight=1.0,
-)
+model.positive_queries = LazyPartial(DINOPositiveQueryBuilder)(min_queries=9, max_queries=300)
+model.lambda_1 = 1.0
+model.lambda_2 = 2.0

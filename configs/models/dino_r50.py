@@ -5,11 +5,10 @@ reads it from there.
 """
 
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 
 from codetr.layers import SinePositionEmbedding
 from codetr.modeling import ChannelMapper, CoDETR, DINOHead
-from codetr.modeling.backbone import build_resnet
+from codetr.modeling.backbone import build_resnet, resnet_output_shape
 from codetr.modeling.losses import DetectionLoss
 from codetr.modeling.matcher import HungarianMatcher
 from codetr.modeling.transformer import (
@@ -23,12 +22,17 @@ EMBED_DIM = 256
 NUM_LEVELS = 5
 
 model = L(CoDETR)(
-    backbone=L(build_resnet)(depth=50, out_features=["res2", "res3", "res4", "res5"], freeze_at=2),
+    backbone=L(build_resnet)(
+        depth=50, base_channels=64, out_features=["res2", "res3", "res4", "res5"], freeze_at=2
+    ),
     neck=L(ChannelMapper)(
-        input_shape={
-            f"res{i}": L(ShapeSpec)(channels=256 * 2 ** (i - 2), stride=2**i) for i in range(2, 6)
-        },
-        in_features=["res2", "res3", "res4", "res5"],
+        # the backbone's outputs, read from its settings
+        input_shape=L(resnet_output_shape)(
+            depth="${model.backbone.depth}",
+            base_channels="${model.backbone.base_channels}",
+            out_features="${model.backbone.out_features}",
+        ),
+        in_features="${model.backbone.out_features}",
         out_channels=EMBED_DIM,
         num_extra_levels=1,
     ),

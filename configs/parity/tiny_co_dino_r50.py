@@ -11,8 +11,6 @@ positive queries capped at 20.
 
 The DINO-only variant: ``model.aux_heads=[]`` and ``model.positive_queries=null``.
 """
-from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 
 from ..models.co_dino_r50 import model
 
@@ -20,9 +18,6 @@ EMBED_DIM = 64
 NUM_QUERIES = 30
 
 model.backbone.update(depth=18, stem_channels=16, base_channels=16, freeze_at=2)
-model.neck.input_shape = {
-    f"res{i}": L(ShapeSpec)(channels=16 * 2 ** (i - 2), stride=2**i) for i in range(2, 6)
-}
 model.neck.out_channels = EMBED_DIM
 
 model.query_head.update(
@@ -36,8 +31,7 @@ model.query_head.decoder.update(
     num_layers=2, embed_dim=EMBED_DIM, num_heads=8, ffn_dim=2 * EMBED_DIM
 )
 model.query_head.denoising.update(embed_dim=EMBED_DIM, num_dn_queries=10)
-
-AUX_INPUT_SHAPE = {f"p{i}": L(ShapeSpec)(channels=EMBED_DIM, stride=2**i) for i in range(2, 8)}
-model.aux_heads[0].update(input_shape=AUX_INPUT_SHAPE, fc_dim=128)
-model.aux_heads[1].input_shape = AUX_INPUT_SHAPE
-model.positive_queries.update(embed_dim=EMBED_DIM, max_queries=20)
+model.aux_heads[0].fc_dim = 128
+model.positive_queries.max_queries = 20
+# the authors' tiny model keeps the R50 model's auxiliary weight 12 with 2 decoder layers
+model.lambda_2 = 6.0

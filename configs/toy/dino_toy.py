@@ -9,9 +9,8 @@ the full configs; only the sizes and the schedule differ.
 from functools import partial
 
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 
-from codetr.data import TOY_THING_CLASSES
+from codetr_toy import TOY_THING_CLASSES
 from codetr.engine.lr_schedule import step_lr_multiplier
 from codetr.engine.optimizer import lr_factor
 
@@ -23,9 +22,6 @@ from ..models.dino_r50 import model
 EMBED_DIM = 64
 
 model.backbone.update(depth=18, stem_channels=16, base_channels=16, freeze_at=0, norm="BN")
-model.neck.input_shape = {
-    f"res{i}": L(ShapeSpec)(channels=16 * 2 ** (i - 2), stride=2**i) for i in range(2, 6)
-}
 model.neck.out_channels = EMBED_DIM
 
 head = model.query_head

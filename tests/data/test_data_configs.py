@@ -6,7 +6,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.evaluation import COCOEvaluator
 
-from codetr.data import register_toy_datasets
+from codetr_toy import register_toy_datasets
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "common", "data")
 CONFIGS = ["coco.py", "coco_lsj.py", "toy.py"]
@@ -14,10 +14,17 @@ CONFIGS = ["coco.py", "coco_lsj.py", "toy.py"]
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_root(tmp_path_factory):
-    """Registers the toy datasets under a temporary root; restores the default after."""
-    root = str(tmp_path_factory.mktemp("toy_datasets"))
-    register_toy_datasets(root)
-    yield root
+    """The toy datasets under a temporary ``$CODETR_DATASETS`` (the toy config registers them
+    again when it is loaded, from there); the variable and the registration restored after."""
+    datasets = str(tmp_path_factory.mktemp("datasets"))
+    previous = os.environ.get("CODETR_DATASETS")
+    os.environ["CODETR_DATASETS"] = datasets
+    register_toy_datasets()
+    yield os.path.join(datasets, "codetr_toy")
+    if previous is None:
+        del os.environ["CODETR_DATASETS"]
+    else:
+        os.environ["CODETR_DATASETS"] = previous
     register_toy_datasets()
 
 

@@ -7,7 +7,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from codetr.data import (
+from codetr_toy import (
     TOY_DATASET_SPLITS,
     TOY_THING_CLASSES,
     ensure_toy_dataset,

@@ -1,9 +1,18 @@
 import math
+from unittest import mock
 
 import pytest
 import torch
 
-from codetr.layers import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from codetr.layers import (
+    MultiScaleDeformableAttention,
+    as_level_shapes,
+    check_level_shapes,
+    multi_scale_deformable_attention,
+)
+from codetr.layers import ms_deform_attn
+
+from ..host_reads import record_host_reads
 
 SPATIAL_SHAPES = torch.tensor([[3, 4], [2, 2]])
 LEVEL_START_INDEX = torch.tensor([0, 12])
@@ -249,3 +258,75 @@ def test_module_invalid_arguments():
         module(query, value, refs, SPATIAL_SHAPES, LEVEL_START_INDEX, torch.zeros(1, 15).bool())
     with pytest.raises(ValueError, match="value_padding_mask"):
         module(query, value, refs, SPATIAL_SHAPES, LEVEL_START_INDEX, torch.zeros(1, 16))
+
+
+# ------------------------------------------------------------------ level shapes as Python ints
+LEVEL_SHAPES = ((3, 4), (2, 2))
+
+
+def _count_level_checks(monkeypatch):
+    """Calls of check_level_shapes made from now on, by the attention module."""
+    checks = mock.Mock(wraps=check_level_shapes)
+    monkeypatch.setattr(ms_deform_attn, "check_level_shapes", checks)
+    return checks
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_module_takes_python_level_shapes_without_checking_or_reading_them(monkeypatch, ref_dim):
+    module = _module_with_random_weights(embed_dim=8, num_heads=2, num_levels=2, num_points=3)
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 3, 8, generator=generator)
+    value = torch.randn(2, NUM_VALUES, 8, generator=generator)
+    reference_points = torch.rand(2, 3, 2, ref_dim, generator=generator) * 0.5 + 0.2
+    padding_mask = torch.zeros(2, NUM_VALUES, dtype=torch.bool)
+    padding_mask[1, 12:] = True
+    args = (query, value, reference_points, SPATIAL_SHAPES, LEVEL_START_INDEX, padding_mask)
+    with torch.no_grad():
+        expected = module(*args)
+        checks, reads = _count_level_checks(monkeypatch), record_host_reads(monkeypatch)
+        out = module(*args, level_shapes=LEVEL_SHAPES)
+        assert checks.call_count == 0 and reads == []
+        # without them, the module derives them from the tensor and checks them on every call
+        module(*args)
+        module(*args)
+    assert torch.equal(out, expected)
+    assert checks.call_count == 2 and reads == ["tolist", "tolist"]
+    checks.assert_called_with(LEVEL_SHAPES, NUM_VALUES, SPATIAL_SHAPES, LEVEL_START_INDEX)
+
+
+def test_reference_function_takes_python_level_shapes():
+    value, locations, weights = _random_inputs()
+    expected = multi_scale_deformable_attention(value, SPATIAL_SHAPES, locations, weights)
+    out = multi_scale_deformable_attention(value, [[3, 4], [2, 2]], locations, weights)
+    assert torch.equal(out, expected)
+
+
+def test_check_level_shapes():
+    checked = check_level_shapes(
+        [[3, 4], torch.Size([2, 2])], 16, SPATIAL_SHAPES, LEVEL_START_INDEX
+    )
+    assert checked == LEVEL_SHAPES
+    assert as_level_shapes(SPATIAL_SHAPES) == LEVEL_SHAPES
+    with pytest.raises(
+        ValueError, match=r"S=15 positions but the level shapes \[\(3, 4\), \(2, 2\)\] sum to 16"
+    ):
+        check_level_shapes(LEVEL_SHAPES, 15, SPATIAL_SHAPES, LEVEL_START_INDEX)
+    with pytest.raises(
+        ValueError, match=r"spatial_shapes must have shape \(1, 2\) .* got \(2, 2\)"
+    ):
+        check_level_shapes(LEVEL_SHAPES[:1], 12, SPATIAL_SHAPES, LEVEL_START_INDEX[:1])
+    with pytest.raises(ValueError, match=r"level_start_index must have shape \(2,\) .* got \(1,\)"):
+        check_level_shapes(LEVEL_SHAPES, 16, SPATIAL_SHAPES, LEVEL_START_INDEX[:1])
+    with pytest.raises(ValueError, match=r"\(h, w\) pairs, got \[\(3, 4, 1\), \(2, 2\)\]"):
+        check_level_shapes([(3, 4, 1), (2, 2)], 16, SPATIAL_SHAPES, LEVEL_START_INDEX)
+    with pytest.raises(ValueError, match=r"spatial_shapes must have shape \(L, 2\), got \(4,\)"):
+        as_level_shapes(SPATIAL_SHAPES.view(-1))
+
+
+def test_module_rejects_level_shapes_of_another_level_count():
+    module = MultiScaleDeformableAttention(embed_dim=8, num_heads=2, num_levels=2, num_points=1)
+    args = (torch.zeros(1, 3, 8), torch.zeros(1, NUM_VALUES, 8), torch.zeros(1, 3, 2, 2))
+    with pytest.raises(
+        ValueError, match=r"level_shapes must have 2 \(h, w\) pairs, got \[\(3, 4\)\]"
+    ):
+        module(*args, SPATIAL_SHAPES, LEVEL_START_INDEX, level_shapes=LEVEL_SHAPES[:1])

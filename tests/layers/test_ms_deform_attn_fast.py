@@ -324,6 +324,33 @@ def test_invalid_arguments():
         multi_scale_deformable_attention_fast(value, shapes, locations[..., :1], weights)
     with pytest.raises(ValueError, match="attention_weights must"):
         multi_scale_deformable_attention_fast(value, shapes, locations, weights[..., :1])
+    # level shapes given as Python pairs
+    with pytest.raises(ValueError, match=r"spatial_shapes \[\(3, 4\), \(2, 1\)\] sum to 14"):
+        multi_scale_deformable_attention_fast(value, [(3, 4), (2, 1)], locations, weights)
+    with pytest.raises(ValueError, match=r"spatial_shapes must be \(h, w\) pairs"):
+        multi_scale_deformable_attention_fast(value, [(3, 4), (2, 2, 1)], locations, weights)
+
+
+@pytest.mark.parametrize("name", sorted(LEVEL_SHAPES))
+def test_python_level_shapes_equal_tensor_and_read_nothing(name, gather_scheme, monkeypatch):
+    value, shapes, locations, weights = _random_inputs(LEVEL_SHAPES[name])
+    grad_output = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1)).double()
+    args = (value, shapes, locations, weights, grad_output, (True, True, True))
+    expected, expected_grads = _values_and_grads(multi_scale_deformable_attention_fast, *args)
+    reads = []
+
+    def recording_tolist(tensor):
+        reads.append(tuple(tensor.shape))
+        return tolist(tensor)
+
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", recording_tolist)
+    args = (value, tuple(LEVEL_SHAPES[name]), *args[2:])
+    out, grads = _values_and_grads(multi_scale_deformable_attention_fast, *args)
+    assert reads == []
+    assert torch.equal(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.equal(grad, expected_grad)
 
 
 @pytest.mark.parametrize("num_queries, padded", [(200, True), (2, False)])

@@ -2,10 +2,12 @@ import math
 import unittest
 
 import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
+from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
 
 from codetr.modeling.aux_heads.atss import ATSSHead, atss_assign
 
@@ -52,7 +54,7 @@ def _zero_conv_weights(head: ATSSHead) -> None:
             nn.init.zeros_(module.weight)
 
 
-def _co_dino_like_head(seed: int = 0) -> ATSSHead:
+def _co_dino_like_head(seed: int = 0, **kwargs) -> ATSSHead:
     torch.manual_seed(seed)
     return ATSSHead(
         input_shape={
@@ -61,6 +63,7 @@ def _co_dino_like_head(seed: int = 0) -> ATSSHead:
         },
         in_features=["p2", "p3"],
         num_classes=3,
+        **kwargs,
     )
 
 
@@ -76,6 +79,39 @@ def _co_dino_like_batch(seed: int = 0):
         _instances((48, 40), [[10, 10, 38, 44]], [1]),
     ]
     return features, images, gt_instances
+
+
+def _decode_by_hand(deltas, anchors):
+    """Deltas with weights (10, 10, 5, 5) applied to XYXY anchors; the size deltas clamped to
+    +-log(1000 / 16), as the authors' coder."""
+    limit = math.log(1000.0 / 16)
+    widths, heights = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    cx, cy = anchors[:, 0] + widths / 2, anchors[:, 1] + heights / 2
+    cx = cx + deltas[:, 0] / 10 * widths
+    cy = cy + deltas[:, 1] / 10 * heights
+    widths = widths * torch.exp((deltas[:, 2] / 5).clamp(-limit, limit))
+    heights = heights * torch.exp((deltas[:, 3] / 5).clamp(-limit, limit))
+    return torch.stack([cx - widths / 2, cy - heights / 2, cx + widths / 2, cy + heights / 2], 1)
+
+
+def _prediction_hooks(head):
+    """Records the outputs of the three prediction convs, per level."""
+    outputs = {"cls_score": [], "bbox_pred": [], "centerness": []}
+    for name, record in outputs.items():
+        getattr(head, name).register_forward_hook(
+            lambda m, i, out, record=record: record.append(out.detach())
+        )
+    return outputs
+
+
+def _default_anchors(strides, sizes):
+    """The default anchors: a square of 8 x stride centred on stride * (x, y), row-major."""
+    anchors = []
+    for stride, (height, width) in zip(strides, sizes):
+        ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        centres = torch.stack([xs.flatten(), ys.flatten()], 1).float() * stride
+        anchors.append(torch.cat([centres - 4 * stride, centres + 4 * stride], 1))
+    return anchors
 
 
 class TestATSSAssign(unittest.TestCase):
@@ -128,8 +164,11 @@ class TestATSSAssign(unittest.TestCase):
 
 
 class TestATSSHeadTraining(unittest.TestCase):
-    def _hand_case(self):
-        head = _small_anchor_head()
+    # the authors' weights 1, 2, 1 times the 12 the meta-architecture multiplies them by
+    WEIGHTS_X12 = dict(cls_loss_weight=12.0, bbox_loss_weight=24.0, centerness_loss_weight=12.0)
+
+    def _hand_case(self, **kwargs):
+        head = _small_anchor_head(**(kwargs or self.WEIGHTS_X12))
         _zero_conv_weights(head)
         features = {"p3": torch.randn(2, 32, 1, 5), "p4": torch.randn(2, 32, 1, 3)}
         # The second image covers 3 of the 5 level-0 columns and 2 of the 3 level-1 columns.
@@ -218,16 +257,138 @@ class TestATSSHeadTraining(unittest.TestCase):
             self.assertTrue((assignment.labels == 2).all())
             self.assertTrue((assignment.target_boxes == 0).all())
 
+    def test_losses_with_hand_set_predictions(self):
+        # every anchor predicts its conv biases: class logits (.5, -1), deltas (1, -2, 1.5, -.5)
+        # (level 1: times its scale 2), centerness logit .8
+        head, features, images = self._hand_case(
+            cls_loss_weight=1.5, bbox_loss_weight=2.5, centerness_loss_weight=0.5
+        )
+        with torch.no_grad():
+            head.cls_score.bias.copy_(torch.tensor([0.5, -1.0]))
+            head.bbox_pred.bias.copy_(torch.tensor([1.0, -2.0, 1.5, -0.5]))
+            head.centerness.bias.fill_(0.8)
+            head.scales[1].scale.fill_(2.0)
+        gt_instances = [
+            _instances((8, 40), [[0, 0, 10, 8], [14, 0, 40, 16]], [1, 0]),
+            _instances((8, 20), [], []),
+        ]
+        losses, _ = head(features, images, gt_instances)
+
+        # Positives (test_targets): anchor 0 [0, 0, 8, 8] -> box 0 (class 1), anchor 6
+        # [16, 0, 32, 16] -> box 1 (class 0). Decoded with weights (10, 10, 5, 5):
+        # anchor 0, deltas (.1, -.2, .3, -.1) x size 8: centre (4.8, 2.4), size 8e^.3 x 8e^-.1;
+        # anchor 6, deltas (.2, -.4, .6, -.2) x size 16: centre (27.2, 1.6), 16e^.6 x 16e^-.2.
+        def box(cx, cy, w, h):
+            return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+        predicted = torch.tensor(
+            [
+                box(4.8, 2.4, 8 * math.exp(0.3), 8 * math.exp(-0.1)),
+                box(27.2, 1.6, 16 * math.exp(0.6), 16 * math.exp(-0.2)),
+            ],
+            dtype=torch.float64,
+        )
+        targets = torch.tensor([[0, 0, 10, 8], [14, 0, 40, 16]], dtype=torch.float64)
+        giou_loss = 1 - generalized_box_iou(predicted, targets).diagonal()
+        centerness = torch.tensor([math.sqrt(4 / 6), math.sqrt(10 / 16)], dtype=torch.float64)
+        expected_bbox = (giou_loss * centerness).sum() / centerness.sum() * 2.5
+
+        # focal loss over the 13 valid anchors x 2 classes: 12 background terms and one positive
+        # per class; normaliser 2 positives + 1 for the image without any
+        logits = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        background = sigmoid_focal_loss(logits, torch.zeros(2, dtype=torch.float64))
+        foreground = sigmoid_focal_loss(logits, torch.ones(2, dtype=torch.float64))
+        expected_cls = (12 * background.sum() + foreground.sum()) / 3 * 1.5
+        expected_centerness = (
+            F.binary_cross_entropy_with_logits(
+                torch.full((2,), 0.8, dtype=torch.float64), centerness, reduction="sum"
+            )
+            / 3
+            * 0.5
+        )
+        for name, expected in [
+            ("loss_cls", expected_cls),
+            ("loss_bbox", expected_bbox),
+            ("loss_centerness", expected_centerness),
+        ]:
+            torch.testing.assert_close(
+                losses[name].double(), expected, rtol=1e-6, atol=1e-7, msg=name
+            )
+
+    def test_losses_recomputed_from_the_predictions(self):
+        head = _co_dino_like_head(
+            cls_loss_weight=1.5, bbox_loss_weight=2.5, centerness_loss_weight=0.5
+        )
+        outputs = _prediction_hooks(head)
+        features, images, gt_instances = _co_dino_like_batch()
+        losses, assignments = head(features, images, gt_instances)
+
+        def per_anchor(maps):  # per level (B, C, H, W) -> (B, A, C), float64
+            return torch.cat([m.flatten(2) for m in maps], 2).transpose(1, 2).double()
+
+        logits = per_anchor(outputs["cls_score"])
+        deltas = per_anchor(outputs["bbox_pred"])  # the level scales are 1
+        centerness_logits = per_anchor(outputs["centerness"])[..., 0]
+        level_sizes = [(16, 16), (8, 8)]
+        anchors = torch.cat(_default_anchors([4, 8], level_sizes)).double()
+        # an image's anchors: the locations within its ceil(size / stride) cells per level
+        valid = []
+        for height, width in images.image_sizes:
+            masks = []
+            for stride, (rows, columns) in zip([4, 8], level_sizes):
+                ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij")
+                inside = (xs < math.ceil(width / stride)) & (ys < math.ceil(height / stride))
+                masks.append(inside.flatten())
+            valid.append(torch.cat(masks))
+        valid = torch.stack(valid)
+        self.assertEqual(valid.sum(1).tolist(), [16 * 16 + 8 * 8, 12 * 10 + 6 * 5])
+        for assignment, image_valid in zip(assignments, valid):
+            # the anchors, zero outside the image's valid cells
+            torch.testing.assert_close(
+                assignment.boxes.double(), anchors * image_valid[:, None], rtol=0, atol=0
+            )
+
+        labels = torch.stack([a.labels for a in assignments])
+        targets = torch.stack([a.target_boxes for a in assignments]).double()
+        positive = labels < 3
+        num_positive = positive.sum(1)
+        self.assertTrue((num_positive > 0).all(), num_positive)
+        normalizer = num_positive.clamp(min=1).sum().item()
+
+        one_hot = F.one_hot(labels, 4)[..., :3].double()
+        focal = sigmoid_focal_loss(logits, one_hot, alpha=0.25, gamma=2.0, reduction="none")
+        expected_cls = (focal * valid[..., None]).sum() / normalizer * 1.5
+
+        positive_anchors = anchors.expand(2, -1, -1)[positive]
+        positive_targets = targets[positive]
+        centres = (positive_anchors[:, :2] + positive_anchors[:, 2:]) / 2
+        left_top = centres - positive_targets[:, :2]
+        right_bottom = positive_targets[:, 2:] - centres
+        ratios = left_top.minimum(right_bottom) / left_top.maximum(right_bottom)
+        centerness = (ratios[:, 0] * ratios[:, 1]).sqrt()
+        predicted = _decode_by_hand(deltas[positive], positive_anchors)
+        giou_loss = 1 - generalized_box_iou(predicted, positive_targets).diagonal()
+        expected_bbox = (giou_loss * centerness).sum() / centerness.sum() * 2.5
+        expected_centerness = (
+            F.binary_cross_entropy_with_logits(
+                centerness_logits[positive], centerness, reduction="sum"
+            )
+            / normalizer
+            * 0.5
+        )
+        for name, expected in [
+            ("loss_cls", expected_cls),
+            ("loss_bbox", expected_bbox),
+            ("loss_centerness", expected_centerness),
+        ]:
+            torch.testing.assert_close(
+                losses[name].double(), expected, rtol=1e-5, atol=1e-7, msg=name
+            )
+
     def test_gradients_reach_features(self):
         head = _co_dino_like_head()
         features, images, gt_instances = _co_dino_like_batch()
-        losses, assignments = head(features, images, gt_instances)
-        for name, loss in losses.items():
-            self.assertTrue(torch.isfinite(loss), name)
-            self.assertGreater(loss.item(), 0.0, name)
-        num_pos = [int((a.labels < 3).sum()) for a in assignments]
-        self.assertTrue(all(n > 0 for n in num_pos), num_pos)
-
+        losses, _ = head(features, images, gt_instances)
         sum(losses.values()).backward()
         for feature in features.values():
             self.assertGreater(feature.grad.abs().sum().item(), 0.0)
@@ -238,15 +399,20 @@ class TestATSSHeadTraining(unittest.TestCase):
     def test_batch_size_one(self):
         head = _co_dino_like_head()
         features, images, gt_instances = _co_dino_like_batch()
+        _, batch_assignments = head(features, images, gt_instances)
         features = {k: v[1:] for k, v in features.items()}
         images = ImageList(images.tensor[1:], images.image_sizes[1:])
         losses, assignments = head(features, images, gt_instances[1:])
-        self.assertTrue(all(torch.isfinite(v) for v in losses.values()))
+        self.assertEqual(set(losses), {"loss_cls", "loss_bbox", "loss_centerness"})
         self.assertEqual(len(assignments), 1)
         num_anchors = 16 * 16 + 8 * 8
         self.assertEqual(assignments[0].boxes.shape, (num_anchors, 4))
-        self.assertEqual(assignments[0].labels.shape, (num_anchors,))
-        self.assertEqual(assignments[0].target_boxes.shape, (num_anchors, 4))
+        # an image's assignment does not depend on the other images of its batch
+        for field in ("boxes", "labels", "target_boxes"):
+            self.assertTrue(
+                torch.equal(getattr(assignments[0], field), getattr(batch_assignments[1], field)),
+                field,
+            )
 
     def test_deterministic_with_seed(self):
         results = []
@@ -320,6 +486,34 @@ class TestATSSHeadInference(unittest.TestCase):
         torch.testing.assert_close(widths.sort().values, expected)
         torch.testing.assert_close(heights, widths)
 
+    def test_decoding_of_hand_set_deltas(self):
+        # every anchor predicts class logits (2, -2) and deltas (1, -.5, 5 log 2, 0): centre
+        # moved by (.1, -.05) x its size, width doubled; class 1 (.12) is under the threshold
+        head = _small_anchor_head(channels=3, num_convs=0, test_score_thresh=0.5)
+        _zero_conv_weights(head)
+        with torch.no_grad():
+            head.cls_score.bias.copy_(torch.tensor([2.0, -2.0]))
+            head.bbox_pred.bias.copy_(torch.tensor([1.0, -0.5, 5 * math.log(2.0), 0.0]))
+        features = {"p3": torch.zeros(1, 3, 1, 5), "p4": torch.zeros(1, 3, 1, 3)}
+        (result,) = head.inference(features, ImageList(torch.zeros(1, 3, 16, 48), [(16, 48)]))
+        # level 0, anchor [8k, 0, 8k + 8, 8]: centre (8k + 4.8, 3.6), 16 x 8;
+        # level 1, anchor [16k, 0, 16k + 16, 16]: centre (16k + 9.6, 7.2), 32 x 16;
+        # clipped to 48 x 16 (no two boxes overlap at IoU 0.6: all kept)
+        expected = [[8 * k - 3.2, -0.4, 8 * k + 12.8, 7.6] for k in range(5)]
+        expected += [[16 * k - 6.4, -0.8, 16 * k + 25.6, 15.2] for k in range(3)]
+        expected = torch.tensor(expected)
+        expected[:, 0::2] = expected[:, 0::2].clamp(0, 48)
+        expected[:, 1::2] = expected[:, 1::2].clamp(0, 16)
+        boxes = result.pred_boxes.tensor
+        order = torch.argsort(boxes[:, 0] * 1000 + boxes[:, 2])
+        expected_order = torch.argsort(expected[:, 0] * 1000 + expected[:, 2])
+        torch.testing.assert_close(boxes[order], expected[expected_order], rtol=0, atol=1e-5)
+        self.assertEqual(result.pred_classes.tolist(), [0] * 8)
+        # class probability x centerness probability (logit 0)
+        torch.testing.assert_close(
+            result.scores, torch.full((8,), torch.sigmoid(torch.tensor(2.0)).item() * 0.5)
+        )
+
     def test_output_contract(self):
         head = _co_dino_like_head()
         head.eval()
@@ -373,6 +567,11 @@ class TestATSSHeadConstruction(unittest.TestCase):
         self.assertTrue((head.bbox_pred.bias == 0).all() and (head.centerness.bias == 0).all())
         self.assertAlmostEqual(head.cls_tower[0].weight.std().item(), 0.01, delta=0.001)
         self.assertEqual([s.scale.item() for s in head.scales], [1.0, 1.0])
+        # the authors' loss weights (the meta-architecture's lambda_2 multiplies them)
+        self.assertEqual(
+            (head.cls_loss_weight, head.bbox_loss_weight, head.centerness_loss_weight),
+            (1.0, 2.0, 1.0),
+        )
 
     def test_default_anchors_and_transform(self):
         head = _co_dino_like_head()

@@ -40,7 +40,7 @@ def model():
 
 def _encode(model, batched_inputs):
     images = model.preprocess_image(batched_inputs)
-    features = model.neck(model.backbone(images.tensor))
+    features = list(model.neck(model.backbone(images.tensor)).values())
     return model.query_head.encode(features, model.padding_mask(images))
 
 
@@ -118,8 +118,8 @@ def test_mixed_query_selection(model):
     model.eval()
     head = model.query_head
     calls = []
-    decode_group = head._decode_group
-    head._decode_group = lambda *args, **kwargs: calls.append((args, kwargs)) or decode_group(
+    decode_queries = head._decode_queries
+    head._decode_queries = lambda *args, **kwargs: calls.append((args, kwargs)) or decode_queries(
         *args, **kwargs
     )
     try:
@@ -127,7 +127,7 @@ def test_mixed_query_selection(model):
             memory = _encode(model, synthetic_batch(**TWO_IMAGES_ONE_EMPTY))
             outputs = head.decode(memory)
     finally:
-        del head._decode_group
+        del head._decode_queries
     ((_, content, reference), kwargs) = calls[0]
     top = outputs["enc_logits"][..., 0].topk(30, dim=1)[1]
     expected_reference = torch.stack([b[i] for b, i in zip(outputs["enc_boxes"], top)])

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from codetr.layers import box_cxcywh_to_xyxy
+from torchvision.ops import box_convert
+from codetr.modeling import QueryGroup
 from codetr.modeling.random_draws import RandomDraws, random_draws_from
 from codetr.modeling.transformer import ContrastiveDenoising
 
@@ -82,7 +83,12 @@ def test_slot_layout_and_targets_without_noise():
         normalized_target([4], [[0.5, 0.5, 0.4, 0.2]]),
     ]
     queries = denoising(targets, NUM_MATCHING)
+    assert isinstance(queries, QueryGroup)
     assert queries.num_queries == 12
+    assert queries.query_pos is None  # the decoder derives it from the reference boxes
+    torch.testing.assert_close(
+        queries.box_normalizers, torch.stack([t["box_normalizer"] for t in targets])
+    )
     background = NUM_CLASSES
     # per group: positives (slots 0, 1) then negatives (slots 2, 3)
     assert queries.target_labels[0].tolist() == [3, 1, background, background] * 3
@@ -253,17 +259,23 @@ def _corner_displacement(reference_boxes, targets, num_groups, max_gts):
     boxes clamps to ~0 (as in the authors' code), so its corners on that axis are no longer the
     noised ones and are left out (as is a box noised thinner than that clamp).
     """
-    corners = box_cxcywh_to_xyxy(reference_boxes)
+    corners = box_convert(reference_boxes, "cxcywh", "xyxy")
     results = []
     for image, target in enumerate(targets):
         count = len(target["labels"])
         slots = corners[image].view(num_groups, 2, max_gts, 4)[:, :, :count]
         sizes = reference_boxes[image].view(num_groups, 2, max_gts, 4)[:, :, :count, 2:]
         half_wh = target["query_boxes"][:, 2:].repeat(1, 2) / 2
-        displacement = ((slots - box_cxcywh_to_xyxy(target["query_boxes"])) / half_wh).abs()
+        displacement = (
+            (slots - box_convert(target["query_boxes"], "cxcywh", "xyxy")) / half_wh
+        ).abs()
         valid = (sizes > 2e-3).repeat(1, 1, 1, 2)
         results.append(
-            (displacement, valid, torch.sign(slots - box_cxcywh_to_xyxy(target["query_boxes"])))
+            (
+                displacement,
+                valid,
+                torch.sign(slots - box_convert(target["query_boxes"], "cxcywh", "xyxy")),
+            )
         )
     return results
 
@@ -311,7 +323,7 @@ def test_box_noise_scale_and_clamping():
     # a box touching the border: noised corners are clamped to [0, 1]
     border = normalized_target([0], [[0.1, 0.9, 0.2, 0.2]])
     queries = _denoising(num_dn_queries=100, label_noise_ratio=0.0)([border], NUM_MATCHING)
-    corners = box_cxcywh_to_xyxy(queries.reference_boxes[0])
+    corners = box_convert(queries.reference_boxes[0], "cxcywh", "xyxy")
     assert corners.min() > -1e-3 and corners.max() < 1 + 1e-3
     assert (corners[:, 0] < 1e-2).any() and (corners[:, 3] > 1 - 1e-2).any()
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from codetr.modeling.query_heads import DINOHead, detr_detections
 from codetr.modeling.transformer import encoder_proposals
@@ -12,6 +13,8 @@ from .tiny_models import (
     NUM_CLASSES,
     NUM_QUERIES,
     build_tiny_dino,
+    expected_detection_losses,
+    hungarian_targets_by_hand,
     normalized_target,
     synthetic_batch,
 )
@@ -29,9 +32,31 @@ TWO_IMAGES = dict(
 )
 
 
+ONE_IMAGE_WITHOUT_OBJECTS = dict(
+    image_sizes=[(64, 64), (64, 64)], boxes=[[[8, 8, 40, 30]], []], classes=[[3], []]
+)
+NO_OBJECT = dict(image_sizes=[(64, 64), (48, 64)], boxes=[[], []], classes=[[], []])
+BATCH_OF_ONE = dict(image_sizes=[(64, 48)], boxes=[[[8, 8, 40, 30]]], classes=[[3]])
+# float32 losses against their float64 recomputation: sums of a few hundred float32 terms
+RTOL, ATOL = 1e-5, 1e-6
+
+
 @pytest.fixture(scope="module")
 def model():
     return build_tiny_dino(seed=0)
+
+
+@pytest.fixture(scope="module")
+def refining_model():
+    """The tiny model with small random last box-prediction layers: they start at zero, so
+    that every decoder layer predicts its reference box and all layers' box losses agree."""
+    model = build_tiny_dino(seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for head in model.query_head.box_heads:
+            head[-1].weight.copy_(torch.randn(head[-1].weight.shape, generator=generator) * 0.02)
+            head[-1].bias.copy_(torch.randn(head[-1].bias.shape, generator=generator) * 0.1)
+    return model
 
 
 def _training_step(model, batched_inputs, seed=0):
@@ -75,40 +100,162 @@ def test_tiny_model_structure(model):
 def test_training_step_losses_and_gradients(model):
     losses = _training_step(model, synthetic_batch(**TWO_IMAGES))
     _assert_finite_with_gradients(model, losses)
-    # there are objects: every box loss is positive
-    for name, value in losses.items():
-        assert value > 0, name
     # frozen backbone stages stay frozen
     assert not any(p.requires_grad for p in model.backbone.stem.parameters())
 
 
 def test_training_step_batch_size_one(model):
-    inputs = synthetic_batch([(64, 48)], [[[8, 8, 40, 30]]], [[3]])
-    losses = _training_step(model, inputs)
+    losses = _training_step(model, synthetic_batch(**BATCH_OF_ONE))
     _assert_finite_with_gradients(model, losses)
 
 
 def test_training_step_with_an_image_without_objects(model):
-    inputs = synthetic_batch([(64, 64), (64, 64)], [[[8, 8, 40, 30]], []], [[3], []])
-    losses = _training_step(model, inputs)
+    losses = _training_step(model, synthetic_batch(**ONE_IMAGE_WITHOUT_OBJECTS))
     _assert_finite_with_gradients(model, losses)
-    assert losses["dn_loss_bbox"] > 0
 
 
 def test_training_step_without_any_object(model):
-    inputs = synthetic_batch([(64, 64), (48, 64)], [[], []], [[], []])
-    losses = _training_step(model, inputs)
+    record = {}
+    losses = _recorded_training_step(model, synthetic_batch(**NO_OBJECT), record)
     _assert_finite_with_gradients(model, losses)
     for prefix in ("", "d0.", "enc_", "dn_", "d0.dn_"):
         assert losses[f"{prefix}loss_bbox"] == 0 and losses[f"{prefix}loss_giou"] == 0
-        assert losses[f"{prefix}loss_class"] >= 0
-    assert losses["loss_class"] > 0  # every query is pushed towards background
+    # every query is pushed towards background: softplus(x) sigmoid(x)^2 over all queries and
+    # classes, divided by 1 (no positive)
+    outputs = record["outputs"]
+    for name, logits in [
+        ("loss_class", outputs["logits"][-1]),
+        ("d0.loss_class", outputs["logits"][0]),
+        ("enc_loss_class", outputs["enc_logits"]),
+    ]:
+        x = logits.detach().double()
+        expected = (F.softplus(x) * x.sigmoid() ** 2).sum()
+        torch.testing.assert_close(losses[name].double(), expected, rtol=RTOL, atol=ATOL)
+
+
+def _recorded_training_step(model, batched_inputs, record, seed=0):
+    """:func:`_training_step`, keeping in ``record`` the query head's decoder outputs
+    ("outputs", the dict of ``decode``) and its denoising queries ("denoising")."""
+    head = model.query_head
+    decode = head.decode
+
+    def recording_decode(*args, **kwargs):
+        record["outputs"] = decode(*args, **kwargs)
+        return record["outputs"]
+
+    def keep_denoising(module, inputs, output):
+        record["denoising"] = output
+
+    handle = head.denoising.register_forward_hook(keep_denoising)
+    head.decode = recording_decode
+    try:
+        return _training_step(model, batched_inputs, seed)
+    finally:
+        del head.decode
+        handle.remove()
+
+
+def _expected_losses(batched_inputs, record):
+    """
+    Every loss of the query head from its recorded predictions, computed here: each decoder
+    layer's and the encoder proposals' predictions matched to the ground truth
+    (:func:`hungarian_targets_by_hand`, per image) and normalised by the ground truths of the
+    batch (at least 1); the denoising queries against their own targets, normalised by their
+    positives (:func:`expected_detection_losses`).
+    """
+    labels, boxes = [], []
+    for item in batched_inputs:
+        instances = item["instances"]
+        height, width = instances.image_size
+        xyxy = instances.gt_boxes.tensor.double() / torch.tensor([width, height] * 2).double()
+        boxes.append(torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1))
+        labels.append(instances.gt_classes)
+    num_gt = max(sum(len(l) for l in labels), 1)
+
+    def matched(prefix, logits, predicted):
+        target_labels, target_boxes = zip(
+            *[
+                hungarian_targets_by_hand(l, b, gl, gb, num_classes=NUM_CLASSES)
+                for l, b, gl, gb in zip(logits, predicted, labels, boxes)
+            ]
+        )
+        losses = expected_detection_losses(
+            logits.flatten(0, 1),
+            predicted.flatten(0, 1),
+            torch.cat(target_labels),
+            torch.cat(target_boxes),
+            num_classes=NUM_CLASSES,
+            num_positives=num_gt,
+        )
+        return {prefix + k: v for k, v in losses.items()}
+
+    outputs, group = record["outputs"], record["denoising"]
+    num_layers = len(outputs["logits"])
+    expected = matched("enc_", outputs["enc_logits"], outputs["enc_boxes"])
+    for layer in range(num_layers):
+        prefix = "" if layer == num_layers - 1 else f"d{layer}."
+        expected.update(matched(prefix, outputs["logits"][layer], outputs["boxes"][layer]))
+        dn = expected_detection_losses(
+            outputs["dn_logits"][layer].flatten(0, 1),
+            outputs["dn_boxes"][layer].flatten(0, 1),
+            group.target_labels.flatten(),
+            group.target_boxes.flatten(0, 1),
+            num_classes=NUM_CLASSES,
+        )
+        expected.update({f"{prefix}dn_{k}": v for k, v in dn.items()})
+    return expected
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [TWO_IMAGES, BATCH_OF_ONE, ONE_IMAGE_WITHOUT_OBJECTS, NO_OBJECT],
+    ids=["two_images", "batch_of_one", "one_image_without_objects", "no_object"],
+)
+def test_losses_recomputed_from_the_predictions(refining_model, batch):
+    inputs = synthetic_batch(**batch)
+    record = {}
+    losses = _recorded_training_step(refining_model, inputs, record)
+    expected = _expected_losses(inputs, record)
+    assert set(expected) == set(losses) == EXPECTED_KEYS
+    for name, value in expected.items():
+        torch.testing.assert_close(losses[name].double(), value, rtol=RTOL, atol=ATOL, msg=name)
+    # the decoder layers refine the boxes: their box losses differ
+    if batch is TWO_IMAGES:
+        assert losses["loss_bbox"] != losses["d0.loss_bbox"]
+
+
+def test_denoising_targets_are_the_ground_truth(refining_model):
+    # positive denoising queries reconstruct their ground truth; negatives are background
+    inputs = synthetic_batch(**TWO_IMAGES)
+    record = {}
+    _recorded_training_step(refining_model, inputs, record)
+    group = record["denoising"]
+    # 2 ground truths at most per image: 20 // 2 = 10 groups of 2 x 2 queries
+    assert group.target_labels.shape == (2, 40)
+    for image, item in enumerate(inputs):
+        instances = item["instances"]
+        height, width = instances.image_size
+        normalizer = torch.tensor([width, height] * 2, dtype=torch.float32)
+        xyxy = instances.gt_boxes.tensor / normalizer
+        cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+        labels = group.target_labels[image]
+        positive = labels < NUM_CLASSES
+        num_gt = len(instances)
+        # per group: num_gt positives, then (padding and) negatives
+        assert int(positive.sum()) == 10 * num_gt
+        assert sorted(labels[positive].tolist()) == sorted(instances.gt_classes.tolist() * 10)
+        for box, label in zip(group.target_boxes[image][positive], labels[positive]):
+            matches = [
+                i
+                for i in range(num_gt)
+                if int(instances.gt_classes[i]) == int(label)
+                and torch.allclose(box, cxcywh[i], atol=1e-6)
+            ]
+            assert matches, (box, label)
 
 
 def _encode(model, batched_inputs):
-    images = model.preprocess_image(batched_inputs)
-    features = model.neck(model.backbone(images.tensor))
-    return model.query_head.encode(features, model.padding_mask(images))
+    return model.encode(model.preprocess_image(batched_inputs))
 
 
 def test_proposals_ranked_by_best_class_logit(model):
@@ -171,7 +318,7 @@ def test_inference_output_contract(model):
         instances = output["instances"]
         assert instances.image_size == (item["height"], item["width"])
         assert set(instances.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
-        assert 0 < len(instances) <= MAX_DETECTIONS
+        assert len(instances) == MAX_DETECTIONS  # soft-NMS keeps 20 of the 30 candidates
         boxes = instances.pred_boxes.tensor
         assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= item["width"]).all()
         assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= item["height"]).all()
@@ -181,6 +328,51 @@ def test_inference_output_contract(model):
         classes = instances.pred_classes
         assert classes.dtype == torch.int64
         assert ((classes >= 0) & (classes < NUM_CLASSES)).all()
+
+
+def test_inference_top_detection_and_rescaling(model):
+    model.eval()
+    inputs = synthetic_batch(
+        [(64, 64), (48, 40)],
+        [[[4, 4, 30, 40]], [[0, 0, 20, 20]]],
+        [[1], [4]],
+        output_sizes=[(128, 128), (120, 60)],
+    )
+    with torch.no_grad():
+        images = model.preprocess_image(inputs)
+        outputs = model.query_head.decode(model.encode(images))
+        raw = model.inference(inputs, do_postprocess=False)
+        final = model(inputs)
+    logits, boxes = outputs["logits"][-1], outputs["boxes"][-1]
+    for image, ((height, width), item) in enumerate(zip(images.image_sizes, inputs)):
+        # the best (query, class) sigmoid score of the last decoder layer comes first (soft-NMS
+        # never lowers the best score), with its box in input pixels, clamped to the image
+        scores = logits[image].sigmoid()
+        query, label = divmod(int(scores.flatten().argmax()), NUM_CLASSES)
+        assert raw[image].image_size == (height, width)
+        assert raw[image].scores[0].item() == scores.max().item()
+        assert raw[image].pred_classes[0].item() == label
+        cx, cy, w, h = boxes[image, query].tolist()
+        expected = torch.tensor(
+            [
+                min(max((cx - w / 2) * width, 0), width),
+                min(max((cy - h / 2) * height, 0), height),
+                min(max((cx + w / 2) * width, 0), width),
+                min(max((cy + h / 2) * height, 0), height),
+            ]
+        )
+        torch.testing.assert_close(raw[image].pred_boxes.tensor[0], expected)
+        # the requested output size scales x and y separately
+        scale_x, scale_y = item["width"] / width, item["height"] / height
+        instances = final[image]["instances"]
+        assert instances.image_size == (item["height"], item["width"])
+        assert len(instances) == len(raw[image]) == MAX_DETECTIONS
+        torch.testing.assert_close(
+            instances.pred_boxes.tensor,
+            raw[image].pred_boxes.tensor * torch.tensor([scale_x, scale_y, scale_x, scale_y]),
+        )
+        assert torch.equal(instances.scores, raw[image].scores)
+        assert torch.equal(instances.pred_classes, raw[image].pred_classes)
 
 
 def test_inference_needs_enough_positions_for_the_queries(model):

@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -58,6 +59,12 @@ class FakeAuxHead(nn.Module):
         return results
 
 
+def given(*heads):
+    """Builders of ``heads`` as ``CoDETR`` takes them (it builds its auxiliary heads itself,
+    giving their input shapes and class count)."""
+    return [lambda head=head, **derived: head for head in heads]
+
+
 @pytest.fixture(scope="module")
 def parts():
     """Backbone, neck and query head of the tiny model, shared by the CoDETR instances of the
@@ -81,7 +88,7 @@ def parts():
 )
 def test_eval_module_selects_the_head(parts, eval_module, expected):
     heads = [FakeAuxHead("one-stage"), FakeAuxHead("two-stage"), FakeAuxHead("one-stage")]
-    model = CoDETR(**parts, aux_heads=heads, eval_module=eval_module).eval()
+    model = CoDETR(**parts, aux_heads=given(*heads), eval_module=eval_module).eval()
     assert model.eval_module == eval_module
     (output,) = model(synthetic_batch([(64, 64)], [[]], [[]]))
     assert [h.inference_calls for h in heads] == [int(i == expected) for i in range(3)]
@@ -92,7 +99,7 @@ def test_eval_module_selects_the_head(parts, eval_module, expected):
 
 def test_eval_module_can_change_on_a_built_model(parts):
     heads = [FakeAuxHead("one-stage"), FakeAuxHead("two-stage")]
-    model = CoDETR(**parts, aux_heads=heads).eval()
+    model = CoDETR(**parts, aux_heads=given(*heads)).eval()
     model.eval_module = "two-stage"
     model(synthetic_batch([(64, 64)], [[]], [[]]))
     assert [h.inference_calls for h in heads] == [0, 1]
@@ -107,31 +114,58 @@ def test_eval_module_can_change_on_a_built_model(parts):
 def test_eval_module_errors(parts, eval_module):
     heads = [FakeAuxHead("one-stage"), FakeAuxHead("two-stage"), FakeAuxHead("one-stage")]
     with pytest.raises(ValueError, match="eval_module"):
-        CoDETR(**parts, aux_heads=heads, eval_module=eval_module)
+        CoDETR(**parts, aux_heads=given(*heads), eval_module=eval_module)
 
 
 def test_eval_module_needs_a_head_of_that_kind(parts):
     with pytest.raises(ValueError, match="eval_module"):
         CoDETR(**parts, eval_module="one-stage")
     with pytest.raises(ValueError, match="eval_module"):
-        CoDETR(**parts, aux_heads=[FakeAuxHead("two-stage")], eval_module="one-stage")
+        CoDETR(**parts, aux_heads=given(FakeAuxHead("two-stage")), eval_module="one-stage")
 
 
 def test_eval_module_rejects_negative_index(parts):
     heads = [FakeAuxHead("one-stage"), FakeAuxHead("one-stage")]
     with pytest.raises(ValueError, match="eval_module"):
-        CoDETR(**parts, aux_heads=heads, eval_module="one-stage:-1")
+        CoDETR(**parts, aux_heads=given(*heads), eval_module="one-stage:-1")
 
 
 def test_eval_module_rejects_non_integer_index_clearly(parts):
     with pytest.raises(ValueError, match="eval_module"):
-        CoDETR(**parts, aux_heads=[FakeAuxHead("one-stage")], eval_module="one-stage:first")
+        CoDETR(**parts, aux_heads=given(FakeAuxHead("one-stage")), eval_module="one-stage:first")
 
 
-def test_positive_queries_need_one_projection_per_head(parts):
-    builder = DINOPositiveQueryBuilder(num_heads=2, embed_dim=EMBED_DIM, num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match="2 heads"):
-        CoDETR(**parts, aux_heads=[FakeAuxHead("one-stage")], positive_queries=builder)
+def test_parts_are_built_from_what_the_model_derives(parts):
+    """The auxiliary heads get the encoder memory's shapes (the neck's levels plus one
+    stride-2 level) and the query head's class count; the positive queries one projection
+    per auxiliary head; the auxiliary losses lambda_2 x the decoder layers."""
+    received = []
+
+    def build_head(**derived):
+        received.append(derived)
+        return FakeAuxHead("one-stage")
+
+    model = CoDETR(
+        **parts,
+        aux_heads=[build_head, build_head, build_head],
+        positive_queries=functools.partial(DINOPositiveQueryBuilder, min_queries=3),
+        lambda_1=0.5,
+        lambda_2=3.0,
+    )
+    assert len(received) == 3 and all(r == received[0] for r in received)
+    assert sorted(received[0]) == ["input_shape", "num_classes"]
+    assert received[0]["num_classes"] == NUM_CLASSES
+    shapes = received[0]["input_shape"]
+    assert list(shapes) == ["p2", "p3", "p4", "p5", "p6", "p7"]
+    assert [s.stride for s in shapes.values()] == [4, 8, 16, 32, 64, 128]
+    assert {s.channels for s in shapes.values()} == {EMBED_DIM}
+    queries = model.positive_queries
+    assert (queries.num_heads, queries.embed_dim, queries.num_classes) == (3, EMBED_DIM, 5)
+    assert len(queries.projections) == 3 and queries.min_queries == 3
+    assert model.lambda_1 == 0.5 and model.aux_loss_weight == 3.0 * 2
+    # without auxiliary heads there are no positive queries to build
+    builder = functools.partial(DINOPositiveQueryBuilder)
+    assert CoDETR(**parts, positive_queries=builder).positive_queries is None
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -218,7 +252,7 @@ def test_normalized_targets_hand_case():
 # ------------------------------------------------------------------------------ auxiliary heads
 def test_auxiliary_heads_unused_at_detr_inference():
     head = FakeAuxHead("one-stage")
-    model = build_tiny_dino(aux_heads=[head], eval_module="detr").eval()
+    model = build_tiny_dino(aux_heads=given(head), eval_module="detr").eval()
     inputs = synthetic_batch([(64, 64)], [[[4, 4, 30, 30]]], [[1]])
     outputs = model(inputs)
     assert head.calls == 0 and head.inference_calls == 0
@@ -227,7 +261,7 @@ def test_auxiliary_heads_unused_at_detr_inference():
 
 def test_auxiliary_head_produces_output_with_its_eval_module():
     heads = [FakeAuxHead("two-stage"), FakeAuxHead("one-stage")]
-    model = build_tiny_dino(aux_heads=heads, eval_module="one-stage").eval()
+    model = build_tiny_dino(aux_heads=given(*heads), eval_module="one-stage").eval()
     inputs = synthetic_batch([(64, 64)], [[]], [[]], output_sizes=[(128, 64)])
     (output,) = model(inputs)
     assert heads[1].inference_calls == 1
@@ -268,10 +302,13 @@ def _assignments():
 def test_training_step_with_auxiliary_heads_and_positive_queries():
     torch.manual_seed(0)
     heads = [FakeAuxHead("one-stage", _assignments()), FakeAuxHead("two-stage", _assignments())]
-    builder = DINOPositiveQueryBuilder(
-        num_heads=2, embed_dim=EMBED_DIM, num_classes=NUM_CLASSES, min_queries=3, loss_weight=2.0
-    )
-    model = build_tiny_dino(aux_heads=heads, positive_queries=builder, aux_loss_weight=12.0).train()
+    model = build_tiny_dino(
+        aux_heads=given(*heads),
+        positive_queries=functools.partial(DINOPositiveQueryBuilder, min_queries=3),
+        lambda_1=2.0,
+        lambda_2=6.0,
+    ).train()
+    builder = model.positive_queries
     inputs = synthetic_batch(
         [(64, 64), (48, 56)],
         [[[4, 4, 30, 40], [10, 12, 60, 58]], [[0, 0, 20, 20]]],
@@ -297,7 +334,7 @@ def test_training_step_with_auxiliary_heads_and_positive_queries():
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
     assert heads[0].calls == heads[1].calls == 1
-    # every auxiliary-head loss is scaled by aux_loss_weight
+    # every auxiliary-head loss is scaled by lambda_2 x 2 decoder layers
     for k, head in enumerate(heads):
         own_loss = head.scale * sum(f.pow(2).mean() for f in head.features.values())
         torch.testing.assert_close(losses[f"aux{k}.loss_fake"], 12.0 * own_loss)
@@ -328,7 +365,7 @@ def test_training_step_with_auxiliary_heads_and_positive_queries():
 
 def test_training_step_without_positive_queries():
     head = FakeAuxHead("one-stage", _assignments())
-    model = build_tiny_dino(aux_heads=[head]).train()
+    model = build_tiny_dino(aux_heads=given(head)).train()
     inputs = synthetic_batch([(64, 64), (48, 56)], [[[4, 4, 30, 40]], []], [[1], []])
     losses = model(inputs)
     assert "aux0.loss_fake" in losses

@@ -1,11 +1,17 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import Backbone
 from torch import nn
 
 from codetr.modeling import ChannelMapper
-from codetr.modeling.backbone import build_resnet
+from codetr.modeling.backbone import build_resnet, resnet_output_shape
+
+DINO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "dino_r50.py"
 
 # backbone levels of a ResNet-18 at width 16
 INPUT_SHAPE = {
@@ -43,8 +49,10 @@ def test_channel_mapper_output_names_strides_and_shapes():
     assert list(shapes) == ["p3", "p4", "p5", "p6", "p7"]
     assert [s.stride for s in shapes.values()] == [8, 16, 32, 64, 128]
     assert all(s.channels == 32 for s in shapes.values())
+    assert isinstance(neck, Backbone)
     outputs = neck(_features())
-    assert [tuple(o.shape) for o in outputs] == [
+    assert list(outputs) == ["p3", "p4", "p5", "p6", "p7"]
+    assert [tuple(o.shape) for o in outputs.values()] == [
         (2, 32, 8, 8),
         (2, 32, 4, 4),
         (2, 32, 2, 2),
@@ -85,7 +93,7 @@ def test_channel_mapper_computation():
         input_shape=INPUT_SHAPE, in_features=["res4", "res5"], out_channels=32, num_extra_levels=2
     )
     features = _features()
-    outputs = neck(features)
+    outputs = list(neck(features).values())
     # 1x1 conv without bias, GroupNorm, no activation
     for output, conv, name in zip(outputs, neck.convs, ["res4", "res5"]):
         torch.testing.assert_close(output, conv.norm(F.conv2d(features[name], conv.weight)))
@@ -103,7 +111,7 @@ def test_channel_mapper_without_extra_levels():
     )
     assert list(neck.output_shape()) == ["p5"]
     assert len(neck.extra_convs) == 0
-    assert [tuple(o.shape) for o in neck(_features())] == [(2, 32, 2, 2)]
+    assert [(k, tuple(o.shape)) for k, o in neck(_features()).items()] == [("p5", (2, 32, 2, 2))]
 
 
 @pytest.mark.parametrize("in_features", [["res3", "res6"], ["p3"]])
@@ -167,3 +175,34 @@ def test_resnet_freezing_and_norm():
 def test_resnet_unknown_depth():
     with pytest.raises(ValueError, match="depth"):
         build_resnet(depth=42)
+
+
+@pytest.mark.parametrize(
+    "depth, base_channels, out_features",
+    [
+        (18, 16, ["res2", "res3", "res4", "res5"]),
+        (50, 64, ["res3", "res4", "res5"]),
+        (34, 8, ["res5"]),
+    ],
+)
+def test_resnet_output_shape_without_building(depth, base_channels, out_features):
+    built = build_resnet(depth=depth, base_channels=base_channels, out_features=out_features)
+    shapes = resnet_output_shape(
+        depth=depth, base_channels=base_channels, out_features=out_features
+    )
+    assert shapes == built.output_shape()
+
+
+def test_resnet_output_shape_rejects_unknown_stages():
+    with pytest.raises(ValueError, match="res6"):
+        resnet_output_shape(out_features=["res5", "res6"])
+
+
+def test_config_neck_follows_backbone_overrides():
+    # the neck's input is read from the backbone's keys: one override changes both
+    cfg = LazyConfig.load(str(DINO_CONFIG))
+    cfg.model.backbone.update(depth=18, base_channels=8, out_features=["res4", "res5"])
+    neck = instantiate(cfg.model.neck)
+    assert neck.in_features == ["res4", "res5"]
+    assert [conv.weight.shape[1] for conv in neck.convs] == [32, 64]
+    assert list(neck.output_shape()) == ["p4", "p5", "p6"]

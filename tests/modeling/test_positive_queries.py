@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from codetr.modeling import DINOPositiveQueryBuilder, ExtraQueries
+from codetr.modeling import DINOPositiveQueryBuilder, QueryGroup
 from codetr.modeling.aux_heads.base import AssignedCoords
 
 NUM_CLASSES = 3
@@ -134,14 +134,15 @@ def test_normalisation_and_cxcywh_hand_case():
     # image 0 is 100 wide and 50 high, image 1 is 40 x 40
     normalizers = torch.tensor([[100.0, 50.0, 100.0, 50.0], [40.0, 40.0, 40.0, 40.0]])
     queries = builder(0, [image0, image1], normalizers, {})
-    assert isinstance(queries, ExtraQueries)
+    assert isinstance(queries, QueryGroup)
     # count 1: image 1 keeps its only positive
     expected_boxes = torch.tensor([[[0.2, 0.3, 0.2, 0.4]], [[0.15, 0.3, 0.1, 0.2]]])
     expected_targets = torch.tensor([[[0.4, 0.5, 0.4, 0.6]], [[0.15, 0.3, 0.2, 0.4]]])
     torch.testing.assert_close(queries.reference_boxes, expected_boxes)
     torch.testing.assert_close(queries.target_boxes, expected_targets)
     assert queries.target_labels.tolist() == [[2], [0]]
-    assert queries.query_pos is None
+    assert queries.query_pos is None and queries.self_attn_mask is None
+    torch.testing.assert_close(queries.box_normalizers, normalizers)
 
 
 def test_content_is_the_projected_sine_embedding_of_the_box():
@@ -163,3 +164,18 @@ def test_content_is_the_projected_sine_embedding_of_the_box():
     queries.content.pow(2).sum().backward()
     assert builder.projections[1].weight.grad.abs().sum() > 0
     assert builder.projections[0].weight.grad is None
+
+
+def test_query_group_takes_keywords_only():
+    tensors = dict(
+        content=torch.zeros(2, 3, EMBED_DIM),
+        reference_boxes=torch.zeros(2, 3, 4),
+        target_labels=torch.zeros(2, 3, dtype=torch.int64),
+        target_boxes=torch.zeros(2, 3, 4),
+        box_normalizers=torch.ones(2, 4),
+    )
+    group = QueryGroup(**tensors)
+    assert group.num_queries == 3
+    assert group.query_pos is None and group.self_attn_mask is None
+    with pytest.raises(TypeError):
+        QueryGroup(*tensors.values())

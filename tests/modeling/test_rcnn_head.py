@@ -9,6 +9,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
+from torchvision.ops import box_iou, generalized_box_iou
 
 from codetr.modeling.aux_heads.base import AssignedCoords
 from codetr.modeling.aux_heads.rcnn import RCNNAuxHead, RCNNAuxRPN, build_rcnn_aux_head
@@ -90,6 +91,43 @@ def _rows(assignment, in_order=False):
     return rows if in_order else sorted(rows)
 
 
+def _zero_predictors(head):
+    """The RPN and box-branch outputs become their biases (zero, or what a test sets)."""
+    for layer in (
+        head.roi_heads.box_predictor.cls_score,
+        head.roi_heads.box_predictor.bbox_pred,
+        head.rpn.rpn_head.objectness_logits,
+        head.rpn.rpn_head.anchor_deltas,
+    ):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def _anchors_by_hand(image_size):
+    """All anchors of the head on an image of ``image_size`` (no padding), in the RPN's order:
+    level by level, location by location (row-major, centred on stride * (x, y)), then
+    ratio-major: w = stride * scale / sqrt(ratio), h = stride * scale * sqrt(ratio) with
+    scale = 4 * 2^(i / 3)."""
+    height, width = image_size
+    anchors = []
+    for stride in STRIDES:
+        cells = []
+        for ratio in (0.5, 1.0, 2.0):
+            for i in range(3):
+                scale = 4.0 * 2 ** (i / 3)
+                w, h = stride * scale / math.sqrt(ratio), stride * scale * math.sqrt(ratio)
+                cells.append([-w / 2, -h / 2, w / 2, h / 2])
+        for y in range(math.ceil(height / stride)):
+            for x in range(math.ceil(width / stride)):
+                shift = [x * stride, y * stride] * 2
+                anchors += [[c + o for c, o in zip(cell, shift)] for cell in cells]
+    return torch.tensor(anchors, dtype=torch.float64)
+
+
+def _box(cx, cy, w, h):
+    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
 # what the RoI head samples from PROPOSALS with ground truth A (class 1) and B (class 2)
 SAMPLED_ROWS = [
     (tuple(GT_A), 1, tuple(GT_A)),  # ground truth added as a proposal
@@ -132,7 +170,8 @@ class TestRCNNAuxHeadConfiguration(unittest.TestCase):
         self.assertEqual(rpn.pre_nms_topk, {True: 4000, False: 1000})
         self.assertEqual(rpn.post_nms_topk, {True: 1000, False: 1000})
         self.assertEqual(rpn.nms_thresh, 0.7)
-        self.assertEqual(rpn.loss_weight, {"loss_rpn_cls": 12.0, "loss_rpn_loc": 12.0})
+        # the authors' weights (the meta-architecture's lambda_2 multiplies them)
+        self.assertEqual(rpn.loss_weight, {"loss_rpn_cls": 1.0, "loss_rpn_loc": 1.0})
         self.assertEqual((rpn.box_reg_loss_type, rpn.smooth_l1_beta), ("smooth_l1", 0.0))
         self.assertEqual(roi.proposal_matcher.thresholds[1:-1], [0.5])
         self.assertFalse(roi.proposal_matcher.allow_low_quality_matches)
@@ -142,7 +181,7 @@ class TestRCNNAuxHeadConfiguration(unittest.TestCase):
         predictor = roi.box_predictor
         self.assertEqual(predictor.box2box_transform.weights, (10.0, 10.0, 5.0, 5.0))
         self.assertEqual(predictor.box_reg_loss_type, "giou")
-        self.assertEqual(predictor.loss_weight, {"loss_cls": 12.0, "loss_box_reg": 120.0})
+        self.assertEqual(predictor.loss_weight, {"loss_cls": 1.0, "loss_box_reg": 10.0})
         self.assertEqual(predictor.bbox_pred.out_features, 4 * NUM_CLASSES)
         self.assertEqual(predictor.cls_score.out_features, NUM_CLASSES + 1)
         self.assertEqual(
@@ -178,16 +217,18 @@ class TestRCNNAuxHeadConfiguration(unittest.TestCase):
         pooler = _build().roi_heads.box_pooler
         sizes = [10.0, 111.9, 112.0, 223.9, 224.0, 448.0, 896.0, 5000.0]
         self.assertEqual(self._levels(pooler, sizes), [0, 0, 1, 1, 2, 3, 4, 4])
-        # Co-Deformable-DETR: four RoI levels from stride 8, finest_scale 112
-        pooler = _build(roi_in_features=LEVELS[1:5], finest_scale=112).roi_heads.box_pooler
+        # Co-Deformable-DETR: levels from stride 8, four RoI levels, finest_scale 112
+        pooler = _build(in_features=LEVELS[1:], num_roi_levels=4, finest_scale=112)
+        pooler = pooler.roi_heads.box_pooler
         sizes = [10.0, 223.9, 224.0, 448.0, 896.0, 5000.0]
         self.assertEqual(self._levels(pooler, sizes), [0, 0, 1, 2, 3, 3])
 
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "in_features"):
             _build(in_features=["p2", "p9"])
-        with self.assertRaisesRegex(ValueError, "roi_in_features"):
-            _build(roi_in_features=["p1"])
+        for num_roi_levels in (0, len(LEVELS) + 1):
+            with self.assertRaisesRegex(ValueError, "num_roi_levels"):
+                _build(num_roi_levels=num_roi_levels)
         with self.assertRaisesRegex(ValueError, "num_classes"):
             _build(num_classes=0)
         shapes = {n: ShapeSpec(channels=CHANNELS, stride=s) for n, s in zip(LEVELS, STRIDES)}
@@ -250,16 +291,9 @@ class TestRCNNAuxHeadAssignment(unittest.TestCase):
 
     def test_losses_with_zero_predictors(self):
         # With zero outputs the box branch predicts uniform scores and the proposals themselves,
-        # and the RPN predicts logit 0 for every anchor.
-        head = _build()
-        for layer in (
-            head.roi_heads.box_predictor.cls_score,
-            head.roi_heads.box_predictor.bbox_pred,
-            head.rpn.rpn_head.objectness_logits,
-            head.rpn.rpn_head.anchor_deltas,
-        ):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        # and the RPN predicts logit 0 for every anchor. Weights: the authors' times 12.
+        head = _build(rpn_loss_weight=12.0, cls_loss_weight=12.0, giou_loss_weight=120.0)
+        _zero_predictors(head)
         fixed = RCNNAuxHead(
             rpn=_FixedProposals([list(PROPOSALS.values())]), roi_heads=head.roi_heads
         )
@@ -273,15 +307,120 @@ class TestRCNNAuxHeadAssignment(unittest.TestCase):
         # 256 sampled anchors, each with BCE log 2, normalised by 256 per image
         self.assertAlmostEqual(losses["loss_rpn_cls"].item(), 12 * math.log(2), 5)
 
+    def test_rpn_box_loss_by_hand(self):
+        # Zero deltas: the L1 loss (smooth L1, beta 0) of an anchor is the L1 norm of its target
+        # deltas (weights 1): ((gx - ax) / aw, (gy - ay) / ah, log(gw / aw), log(gh / ah)).
+        head = _build(rpn_loss_weight=1.5)
+        _zero_predictors(head)
+        # a thin box whose best anchors (4 of them, tied) have IoU .518 only: positive by the
+        # low-quality rule alone
+        thin = [30.0, 2.0, 62.0, 10.0]
+        losses, _ = self._run(head, [_gt((64, 64), [GT_A, GT_B, thin], [1, 2, 0])])
+
+        # the authors' matching: positive at IoU >= 0.7, negative below 0.3, and the anchors
+        # at each ground truth's highest IoU (>= 0.3) positive for it (the later box wins)
+        anchors = _anchors_by_hand((64, 64))
+        gt_boxes = torch.tensor([GT_A, GT_B, thin], dtype=torch.float64)
+        iou = box_iou(gt_boxes, anchors)  # (3, A)
+        best_iou, matched = iou.max(0)
+        positive = best_iou >= 0.7
+        for g in range(3):
+            highest = iou[g].max()
+            self.assertGreaterEqual(highest.item(), 0.3)
+            at_highest = iou[g] == highest
+            positive |= at_highest
+            matched[at_highest] = g
+        self.assertEqual(int((matched[positive] == 2).sum()), 4)
+        negative = (best_iou < 0.3) & ~positive
+        # fewer positives than the 128 wanted: all of them are sampled, negatives fill 256
+        num_positive = int(positive.sum())
+        self.assertTrue(0 < num_positive <= 128, num_positive)
+        self.assertGreater(int(negative.sum()), 256 - num_positive)
+
+        a, g = anchors[positive], gt_boxes[matched[positive]]
+        aw, ah = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+        gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+        deltas = torch.stack(
+            [
+                ((g[:, 0] + g[:, 2]) - (a[:, 0] + a[:, 2])) / 2 / aw,
+                ((g[:, 1] + g[:, 3]) - (a[:, 1] + a[:, 3])) / 2 / ah,
+                torch.log(gw / aw),
+                torch.log(gh / ah),
+            ],
+            1,
+        )
+        # normaliser: the 256 sampled anchors of the image
+        expected = deltas.abs().sum() / 256 * 1.5
+        torch.testing.assert_close(losses["loss_rpn_loc"].double(), expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            losses["loss_rpn_cls"].double(),
+            torch.tensor(math.log(2) * 1.5, dtype=torch.float64),
+            rtol=1e-6,
+            atol=0.0,
+        )
+
+    def test_roi_losses_with_hand_set_predictions(self):
+        # every RoI predicts the biases: class logits (1, .5, -.5, 0 for background); deltas
+        # (weights 10, 10, 5, 5) zero for class 0, (1, -1, 0, 5 log 1.25) for class 1 (centre
+        # moved by (.1, -.1) x size, height x 1.25), (0, 0, -5 log 2, 0) for class 2 (half width)
+        head = _build(cls_loss_weight=1.5, giou_loss_weight=2.5)
+        _zero_predictors(head)
+        predictor = head.roi_heads.box_predictor
+        with torch.no_grad():
+            predictor.cls_score.bias.copy_(torch.tensor([1.0, 0.5, -0.5, 0.0]))
+            predictor.bbox_pred.bias.copy_(
+                torch.tensor(
+                    [0.0, 0.0, 0.0, 0.0]
+                    + [1.0, -1.0, 0.0, 5 * math.log(1.25)]
+                    + [0.0, 0.0, -5 * math.log(2.0), 0.0]
+                )
+            )
+        fixed = RCNNAuxHead(
+            rpn=_FixedProposals([list(PROPOSALS.values())]), roi_heads=head.roi_heads
+        )
+        losses, _ = self._run(fixed, self.gt)
+
+        # the 7 sampled RoIs (SAMPLED_ROWS), labels 1, 2, 1, 1, 2, 3, 3
+        labels = torch.tensor([row[1] for row in SAMPLED_ROWS])
+        self.assertEqual(labels.tolist(), [1, 2, 1, 1, 2, 3, 3])
+        log_probs = torch.tensor([1.0, 0.5, -0.5, 0.0], dtype=torch.float64).log_softmax(0)
+        expected_cls = -log_probs[labels].mean() * 1.5
+        # the positives decoded with their class's deltas, against their ground truth
+        predicted = torch.tensor(
+            [
+                _box(16 + 2.4, 16 - 2.4, 24, 30),  # GT_A (24 x 24 at (16, 16)), class 1
+                _box(48, 48, 12, 24),  # GT_B (24 x 24 at (48, 48)), class 2
+                _box(16 + 2.4, 16 - 2.4, 24, 30),  # equal_to_a
+                _box(16.5 + 2.3, 16.5 - 2.3, 23, 28.75),  # near_a (23 x 23 at (16.5, 16.5))
+                _box(42, 48, 6, 24),  # half_of_b (12 x 24 at (42, 48))
+            ],
+            dtype=torch.float64,
+        )
+        targets = torch.tensor([GT_A, GT_B, GT_A, GT_A, GT_B], dtype=torch.float64)
+        giou_loss = 1 - generalized_box_iou(predicted, targets).diagonal()
+        expected_box = giou_loss.sum() / 7 * 2.5  # mean over the sampled RoIs
+        torch.testing.assert_close(losses["loss_cls"].double(), expected_cls, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            losses["loss_box_reg"].double(), expected_box, rtol=1e-5, atol=1e-7
+        )
+
     def test_image_without_objects(self):
         head = _head_with_fixed_proposals([list(PROPOSALS.values())])
+        logits = []
+        head.roi_heads.box_predictor.cls_score.register_forward_hook(
+            lambda m, i, out: logits.append(out.detach())
+        )
         empty = [_gt((64, 64), [], [])]
         losses, (assignment,) = self._run(head, empty)
         self.assertEqual(len(assignment.labels), len(PROPOSALS))
         self.assertTrue(torch.all(assignment.labels == NUM_CLASSES))
         self.assertTrue(torch.all(assignment.target_boxes == 0))
+        self.assertTrue(torch.equal(assignment.boxes, torch.tensor(list(PROPOSALS.values()))))
         self.assertEqual(losses["loss_box_reg"].item(), 0.0)
-        self.assertTrue(torch.isfinite(losses["loss_cls"]))
+        # every RoI is background: the mean cross-entropy of the background class, weight 1
+        (roi_logits,) = logits
+        expected = -roi_logits.double().log_softmax(1)[:, NUM_CLASSES].mean()
+        torch.testing.assert_close(losses["loss_cls"].double(), expected, rtol=1e-6, atol=1e-7)
 
     def test_batch_keeps_smallest_sample_count(self):
         # image 0 samples 7 RoIs (5 positive), image 1 only 3: both keep their first 3
@@ -364,6 +503,39 @@ class TestRCNNAuxHeadEndToEnd(unittest.TestCase):
             self.assertTrue(torch.all(instances.pred_classes < NUM_CLASSES))
             scores = instances.scores
             self.assertTrue(torch.all(scores[:-1] >= scores[1:]))
+
+    def test_inference_decodes_hand_set_predictions(self):
+        # one proposal [8, 8, 40, 24] (32 x 16 at (24, 16)); class logits (2, 0, -1, .5 for
+        # background); deltas (weights 10, 10, 5, 5): class 0 (1, 2, 5 log 2, 0), class 1 zero,
+        # class 2 (-1, 0, 0, -5 log 2)
+        head = _build()
+        _zero_predictors(head)
+        predictor = head.roi_heads.box_predictor
+        with torch.no_grad():
+            predictor.cls_score.bias.copy_(torch.tensor([2.0, 0.0, -1.0, 0.5]))
+            predictor.bbox_pred.bias.copy_(
+                torch.tensor(
+                    [1.0, 2.0, 5 * math.log(2.0), 0.0]
+                    + [0.0, 0.0, 0.0, 0.0]
+                    + [-1.0, 0.0, 0.0, -5 * math.log(2.0)]
+                )
+            )
+        fixed = RCNNAuxHead(
+            rpn=_FixedProposals([[[8.0, 8.0, 40.0, 24.0]]]), roi_heads=head.roi_heads
+        )
+        fixed.eval()
+        features, images = _features([(64, 48)])
+        with torch.no_grad():
+            (result,) = fixed.inference(features, images)
+        probabilities = torch.tensor([2.0, 0.0, -1.0, 0.5]).softmax(0)
+        # one detection per class, best first; class 0's box [-4.8, 11.2, 59.2, 27.2] is clipped
+        # to the 48-wide image
+        self.assertEqual(result.pred_classes.tolist(), [0, 1, 2])
+        torch.testing.assert_close(result.scores, probabilities[:3])
+        expected = torch.tensor(
+            [[0.0, 11.2, 48.0, 27.2], [8.0, 8.0, 40.0, 24.0], [4.8, 12.0, 36.8, 20.0]]
+        )
+        torch.testing.assert_close(result.pred_boxes.tensor, expected, rtol=0, atol=1e-5)
 
     def test_mode_checks(self):
         features, images = _features([(64, 64)])

@@ -117,13 +117,13 @@ class TestValidAnchorMask(unittest.TestCase):
 def _rpn(**kwargs):
     shapes = {"p2": ShapeSpec(channels=4, stride=4), "p3": ShapeSpec(channels=4, stride=8)}
     return build_rcnn_aux_head(
-        input_shape=shapes, in_features=["p2", "p3"], num_classes=2, fc_dim=8, **kwargs
+        input_shape=shapes, num_classes=2, num_roi_levels=2, fc_dim=8, **kwargs
     ).rpn
 
 
 class TestRPNLossNormaliser(unittest.TestCase):
     def test_sampled_anchors_each_count_at_least_one(self):
-        rpn = _rpn()
+        rpn = _rpn(rpn_loss_weight=12.0)
         anchors = [Boxes(torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 4))]
         # image 0: 1 positive, 2 negatives; image 1: no positive (counted as 1), 2 negatives
         gt_labels = [torch.tensor([1, 0, 0, -1]), torch.tensor([0, 0, -1, -1])]

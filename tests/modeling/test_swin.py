@@ -1,4 +1,5 @@
 """Swin backbones: builder settings, output shapes, and the Co-DINO Swin-L config's levels."""
+
 from pathlib import Path
 from unittest import mock
 
@@ -24,15 +25,17 @@ def test_sizes_are_the_official_variants():
         "B": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
         "L": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
     }
-    assert {k: (v.embed_dim, tuple(v.depths), tuple(v.num_heads)) for k, v in SWIN_SIZES.items()} \
-        == expected
+    assert {
+        k: (v.embed_dim, tuple(v.depths), tuple(v.num_heads)) for k, v in SWIN_SIZES.items()
+    } == expected
 
 
 @pytest.fixture(scope="module")
 def swin_t():
     torch.manual_seed(0)
-    return build_swin(size="T", window_size=7, out_features=["p1", "p2", "p3"],
-                      drop_path_rate=0.2).eval()
+    return build_swin(
+        size="T", window_size=7, out_features=["p1", "p2", "p3"], drop_path_rate=0.2
+    ).eval()
 
 
 def test_swin_t_structure(swin_t):
@@ -51,8 +54,11 @@ def test_swin_t_structure(swin_t):
     assert swin_t.patch_embed.norm is not None
     assert not any(layer.use_checkpoint for layer in swin_t.layers)
     # an output norm per returned stage only, nothing frozen
-    assert [n for n, _ in swin_t.named_children() if n.startswith("norm")] == \
-        ["norm1", "norm2", "norm3"]
+    assert [n for n, _ in swin_t.named_children() if n.startswith("norm")] == [
+        "norm1",
+        "norm2",
+        "norm3",
+    ]
     assert all(p.requires_grad for p in swin_t.parameters())
 
 
@@ -60,14 +66,18 @@ def test_swin_t_output_shapes(swin_t):
     expected_shape = swin_output_shape(size="T", out_features=["p1", "p2", "p3"])
     assert swin_t.output_shape() == expected_shape
     assert {k: (v.channels, v.stride) for k, v in expected_shape.items()} == {
-        "p1": (192, 8), "p2": (384, 16), "p3": (768, 32)
+        "p1": (192, 8),
+        "p2": (384, 16),
+        "p3": (768, 32),
     }
     # a size that is neither a multiple of the patch nor of the window: padded inside
     images = torch.randn(2, 3, 38, 53, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         features = swin_t(images)
     assert {k: tuple(v.shape) for k, v in features.items()} == {
-        "p1": (2, 192, 5, 7), "p2": (2, 384, 3, 4), "p3": (2, 768, 2, 2)
+        "p1": (2, 192, 5, 7),
+        "p2": (2, 384, 3, 4),
+        "p3": (2, 768, 2, 2),
     }
     assert all(torch.isfinite(v).all() for v in features.values())
 
@@ -108,12 +118,19 @@ def test_checkpointed_blocks_give_the_same_gradients(swin_t):
 @pytest.mark.parametrize("size", ["T", "S", "B", "L"])
 def test_builder_passes_the_settings(size):
     with mock.patch("codetr.modeling.swin.SwinTransformer") as swin:
-        build_swin(size=size, window_size=12, out_features=["p1", "p2", "p3"],
-                   drop_path_rate=0.4, use_checkpoint=True)
+        build_swin(
+            size=size,
+            window_size=12,
+            out_features=["p1", "p2", "p3"],
+            drop_path_rate=0.4,
+            use_checkpoint=True,
+        )
     kwargs = swin.call_args.kwargs
     spec = SWIN_SIZES[size]
     assert (kwargs["embed_dim"], kwargs["depths"], kwargs["num_heads"]) == (
-        spec.embed_dim, tuple(spec.depths), tuple(spec.num_heads)
+        spec.embed_dim,
+        tuple(spec.depths),
+        tuple(spec.num_heads),
     )
     assert kwargs["window_size"] == 12 and kwargs["out_indices"] == (1, 2, 3)
     assert kwargs["drop_path_rate"] == 0.4 and kwargs["use_checkpoint"] is True
@@ -146,7 +163,10 @@ def test_output_shape_helper_validates():
     with pytest.raises(ValueError, match="out_features"):
         swin_output_shape(size="L", out_features=["p5"])
     assert {k: v.channels for k, v in swin_output_shape(size="B").items()} == {
-        "p0": 128, "p1": 256, "p2": 512, "p3": 1024
+        "p0": 128,
+        "p1": 256,
+        "p2": 512,
+        "p3": 1024,
     }
 
 
@@ -162,24 +182,37 @@ def test_co_dino_swin_l_config_feeds_five_levels():
     assert [len(layer.blocks) for layer in backbone.layers] == [2, 2, 18, 2]
     assert all(b.window_size == 12 and b.attn.window_size == (12, 12) for b in blocks)
     assert [b.attn.relative_position_bias_table.shape for b in blocks[::2][:3]] == [
-        (23 * 23, 6), (23 * 23, 12), (23 * 23, 24)
+        (23 * 23, 6),
+        (23 * 23, 12),
+        (23 * 23, 24),
     ]
     assert blocks[-1].drop_path.drop_prob == pytest.approx(0.3)
     assert not any(layer.use_checkpoint for layer in backbone.layers)
     assert {k: (v.channels, v.stride) for k, v in backbone.output_shape().items()} == {
-        "p0": (192, 4), "p1": (384, 8), "p2": (768, 16), "p3": (1536, 32)
+        "p0": (192, 4),
+        "p1": (384, 8),
+        "p2": (768, 16),
+        "p3": (1536, 32),
     }
     assert [conv.weight.shape[1] for conv in neck.convs] == [192, 384, 768, 1536]
     assert {k: v.stride for k, v in neck.output_shape().items()} == {
-        "p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64
+        "p2": 4,
+        "p3": 8,
+        "p4": 16,
+        "p5": 32,
+        "p6": 64,
     }
     assert cfg.model.query_head.encoder.num_levels == 5
 
     images = torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         levels = neck(backbone(images))
-    assert [tuple(level.shape) for level in levels] == [
-        (1, 256, 8, 16), (1, 256, 4, 8), (1, 256, 2, 4), (1, 256, 1, 2), (1, 256, 1, 1)
+    assert [tuple(level.shape) for level in levels.values()] == [
+        (1, 256, 8, 16),
+        (1, 256, 4, 8),
+        (1, 256, 2, 4),
+        (1, 256, 1, 2),
+        (1, 256, 1, 1),
     ]
 
 

@@ -1,10 +1,12 @@
 import math
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
-from codetr.layers import MLP, inverse_sigmoid
+from codetr.layers import MLP, check_level_shapes, inverse_sigmoid, ms_deform_attn
+from codetr.modeling.transformer import multi_level
 from codetr.modeling.transformer import (
     DeformableDecoder,
     DeformableEncoder,
@@ -14,6 +16,8 @@ from codetr.modeling.transformer import (
     flatten_levels,
     level_masks,
 )
+
+from ..host_reads import record_host_reads
 
 CHANNELS = 16
 SHAPES = ((4, 4), (2, 2))
@@ -52,6 +56,9 @@ def test_flatten_levels_layout_and_round_trip():
     assert sequence.tokens.shape == (2, 16, 5)
     assert sequence.spatial_shapes.dtype == torch.long
     assert sequence.spatial_shapes.tolist() == [[3, 4], [2, 2]]
+    # the same sizes as Python ints, from the maps' shapes
+    assert sequence.level_shapes == ((3, 4), (2, 2))
+    assert all(type(size) is int for shape in sequence.level_shapes for size in shape)
     assert sequence.level_start_index.dtype == torch.long
     assert sequence.level_start_index.tolist() == [0, 12]
     # row-major positions of each level, levels one after the other
@@ -64,8 +71,40 @@ def test_flatten_levels_layout_and_round_trip():
 
     other = sequence.with_tokens(sequence.tokens * 2)
     assert other.spatial_shapes is sequence.spatial_shapes
+    assert other.level_shapes == sequence.level_shapes
     assert other.padding_mask is sequence.padding_mask
     torch.testing.assert_close(other.to_maps()[1], maps[1] * 2)
+
+
+def _inconsistent_layouts(sequence):
+    """(what is wrong, the error message) of sequences that contradict their level shapes."""
+    fields = vars(sequence)
+    return [
+        (
+            MultiLevelSequence(**dict(fields, tokens=sequence.tokens[:, :-1])),
+            r"S=19 positions but the level shapes \[\(4, 4\), \(2, 2\)\] sum to 20",
+        ),
+        (
+            MultiLevelSequence(**dict(fields, level_shapes=((4, 4), (2, 1)))),
+            r"S=20 positions but the level shapes \[\(4, 4\), \(2, 1\)\] sum to 18",
+        ),
+        (
+            MultiLevelSequence(**dict(fields, level_start_index=torch.tensor([0]))),
+            r"level_start_index must have shape \(2,\) .* got \(1,\)",
+        ),
+        (
+            MultiLevelSequence(**dict(fields, padding_mask=sequence.padding_mask[:1])),
+            r"padding_mask must have shape \(2, 20\) .* got \(1, 20\)",
+        ),
+        (
+            MultiLevelSequence(**dict(fields, valid_ratios=sequence.valid_ratios[:, :1])),
+            r"valid_ratios must have shape \(2, 2, 2\), got \(2, 1, 2\)",
+        ),
+        (
+            MultiLevelSequence(**dict(fields, tokens=sequence.tokens[0])),
+            r"tokens must have shape \(B, S, C\), got \(20, 16\)",
+        ),
+    ]
 
 
 def test_flatten_levels_rejects_mismatched_masks():
@@ -99,10 +138,9 @@ def test_level_masks_and_valid_ratios_of_a_padded_image():
 
 
 def test_encoder_reference_points_two_level_hand_case():
-    spatial_shapes = torch.tensor([[2, 2], [1, 2]])
     # image 0: level 0 half valid in width; image 1: no padding
     valid_ratios = torch.tensor([[[0.5, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]])
-    points = encoder_reference_points(spatial_shapes, valid_ratios)
+    points = encoder_reference_points(((2, 2), (1, 2)), valid_ratios)
     assert points.shape == (2, 6, 2, 2)
     # token centre normalised by its own level's valid extent, then scaled by each level's
     # valid ratio: level 0 token (i, j) -> x = (j + .5) / (0.5 * 2), y = (i + .5) / 2
@@ -135,6 +173,7 @@ def test_encoder_proposals_hand_case_with_padding():
         spatial_shapes=torch.tensor([[2, 2], [1, 1]]),
         level_start_index=torch.tensor([0, 4]),
         valid_ratios=torch.ones(2, 2, 2),  # not used by the proposals
+        level_shapes=((2, 2), (1, 1)),
     )
     out_tokens, proposals = encoder_proposals(memory)
     assert proposals.shape == (2, 5, 4)
@@ -172,6 +211,7 @@ def test_encoder_proposals_outside_valid_range_without_padding():
         spatial_shapes=torch.ones(6, 2, dtype=torch.long),
         level_start_index=torch.arange(6),
         valid_ratios=torch.ones(1, 6, 2),
+        level_shapes=((1, 1),) * 6,
     )
     tokens, proposals = encoder_proposals(six_levels)
     sizes = proposals[0, :5, 2].sigmoid()
@@ -186,6 +226,7 @@ def test_encoder_proposals_outside_valid_range_without_padding():
         spatial_shapes=torch.tensor([[1, 60]]),
         level_start_index=torch.tensor([0]),
         valid_ratios=torch.ones(1, 1, 2),
+        level_shapes=((1, 60),),
     )
     tokens, proposals = encoder_proposals(row)
     invalid = torch.isinf(proposals[0]).all(-1)
@@ -430,3 +471,143 @@ def test_encoder_ignores_features_at_padding():
         base = encoder(sequence, pos)
         other = encoder(sequence.with_tokens(changed), pos)
     torch.testing.assert_close(other[~padding], base[~padding], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- level shapes checked once per forward
+def _attention_calls(module_list, attribute):
+    """The ``level_shapes`` every deformable attention of the layers is called with."""
+    calls = []
+    for layer in module_list:
+        getattr(layer, attribute).register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(kwargs.get("level_shapes")),
+            with_kwargs=True,
+        )
+    return calls
+
+
+def _count_level_checks(monkeypatch):
+    """Calls of check_level_shapes from now on: by the sequence, or by an attention layer."""
+    checks = mock.Mock(wraps=check_level_shapes)
+    monkeypatch.setattr(multi_level, "check_level_shapes", checks)
+    monkeypatch.setattr(ms_deform_attn, "check_level_shapes", checks)
+    return checks
+
+
+@pytest.mark.parametrize("num_checkpointed_layers", [0, 2])
+def test_encoder_checks_level_shapes_once_and_hands_them_to_every_layer(
+    monkeypatch, num_checkpointed_layers
+):
+    sequence, _ = _sequence(padded=[(4, 4), (2, 3)])
+    encoder = _encoder(num_checkpointed_layers).train()
+    calls = _attention_calls(encoder.layers, "self_attn")
+    checks, reads = _count_level_checks(monkeypatch), record_host_reads(monkeypatch)
+    tokens = sequence.tokens.clone().requires_grad_(True)
+    memory = encoder(sequence.with_tokens(tokens), torch.zeros_like(tokens))
+    assert checks.call_count == 1
+    assert calls == [((4, 4), (2, 2))] * 3
+    assert reads == []
+    memory.sum().backward()  # the checkpointed layers run again, with the same shapes
+    assert checks.call_count == 1
+    assert calls == [((4, 4), (2, 2))] * (3 + num_checkpointed_layers)
+
+
+def test_decoder_checks_level_shapes_once_and_hands_them_to_every_layer(monkeypatch):
+    memory, _ = _sequence(padded=[(4, 4), (3, 2)])
+    decoder, box_heads = _decoder(num_layers=3)
+    calls = _attention_calls(decoder.layers, "cross_attn")
+    checks, reads = _count_level_checks(monkeypatch), record_host_reads(monkeypatch)
+    content, reference = _queries()
+    decoder(content, reference, memory, box_heads)
+    assert checks.call_count == 1
+    assert calls == [((4, 4), (2, 2))] * 3
+    assert reads == []
+
+
+def test_encoder_and_decoder_read_no_tensor_data_on_the_host():
+    # Fake tensors (what torch.export traces with) have shapes but no data: reading a value to
+    # Python (.tolist(), .item(), int(), the device-to-host syncs on GPU) raises
+    fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
+    real, _ = _sequence(padded=[(4, 4), (2, 3)])
+    encoder = _encoder(0).eval()
+    decoder, box_heads = _decoder()
+    content, reference = _queries()
+    with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        maps = [mode.from_tensor(m) for m in real.to_maps()]
+        image_mask = mode.from_tensor(torch.zeros(2, 4, 4, dtype=torch.bool))
+        sequence = flatten_levels(maps, level_masks(image_mask, maps))
+        with pytest.raises(fake_tensor.DataDependentOutputException):
+            sequence.spatial_shapes.sum().item()
+        memory = encoder(sequence, torch.zeros(sequence.tokens.shape))
+        hidden, boxes = decoder(content, reference, sequence.with_tokens(memory), box_heads)
+    assert sequence.level_shapes == ((4, 4), (2, 2))
+    assert memory.shape == real.tokens.shape and hidden.shape == (2, 2, 3, CHANNELS)
+
+
+def test_encoder_traces_with_torch_jit_trace():
+    # torch.jit.trace (fvcore's FLOP count) gives tensor.shape as 0-dim tensors: the level
+    # shapes are read as ints, constants of the trace
+    _, maps = _sequence()
+    image_mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    image_mask[1, :, 3:] = True
+    pos = torch.randn(2, 20, CHANNELS, generator=torch.Generator().manual_seed(3))
+
+    class Encode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = _encoder(0)
+
+        def forward(self, fine, coarse):
+            masks = level_masks(image_mask, [fine, coarse])
+            return self.encoder(flatten_levels([fine, coarse], masks), pos)
+
+    encode = Encode().eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(encode, tuple(maps), check_trace=False)
+        torch.testing.assert_close(traced(*maps), encode(*maps), rtol=0, atol=0)
+
+
+def test_encoder_and_decoder_reject_inconsistent_layouts_before_computing():
+    sequence, _ = _sequence()
+    encoder = _encoder(0)
+    decoder, box_heads = _decoder()
+    counts = _count_layer_calls(encoder) + _count_layer_calls(decoder)
+    content, reference = _queries()
+    for wrong, message in _inconsistent_layouts(sequence):
+        with pytest.raises(ValueError, match=message):
+            encoder(wrong, torch.zeros_like(sequence.tokens))
+        with pytest.raises(ValueError, match=message):
+            decoder(content, reference, wrong, box_heads)
+    assert counts == [0] * 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_encoder_forward_and_attention_do_not_synchronize_cuda():
+    sequence, maps = _sequence(padded=[(4, 4), (2, 3)])
+    encoder = _encoder(0).eval().cuda()
+    attention = encoder.layers[0].self_attn
+    maps = [m.cuda() for m in maps]
+    image_mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    image_mask[1, :, 3:] = True
+    image_mask = image_mask.cuda()
+    pos = torch.zeros(sequence.tokens.shape, device="cuda")
+    queries = torch.randn(2, 3, CHANNELS, device="cuda")
+    boxes = torch.rand(2, 3, 2, 4, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            memory = flatten_levels(maps, level_masks(image_mask, maps))
+            memory = memory.with_tokens(encoder(memory, pos))
+            for reference_points in (boxes, boxes[..., :2]):  # decoder boxes, encoder points
+                attention(
+                    queries,
+                    memory.tokens,
+                    reference_points,
+                    memory.spatial_shapes,
+                    memory.level_start_index,
+                    memory.padding_mask,
+                    level_shapes=memory.level_shapes,
+                )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert memory.tokens.is_cuda

@@ -62,8 +62,6 @@ def tiny_dino_config(
     model.backbone.depth = 18
     model.backbone.stem_channels = _RESNET_WIDTH
     model.backbone.base_channels = _RESNET_WIDTH
-    for index, name in enumerate(["res2", "res3", "res4", "res5"]):
-        model.neck.input_shape[name].channels = _RESNET_WIDTH * 2**index
     model.neck.out_channels = EMBED_DIM
 
     head = model.query_head
@@ -90,8 +88,8 @@ def build_tiny_dino(seed: int = 0, cfg=None, **model_overrides):
         seed: torch seed used for the parameter initialisation.
         cfg: a config from :func:`tiny_dino_config` (default: a fresh one).
         model_overrides: constructor arguments of ``CoDETR`` replacing those of the config
-            (e.g. ``aux_heads``, ``positive_queries``, ``eval_module``,
-            ``aux_loss_weight``); values may be objects, they are passed as they are.
+            (e.g. ``aux_heads``, ``positive_queries``, ``eval_module``, ``lambda_2``);
+            values may be objects, they are passed as they are.
     """
     cfg = tiny_dino_config() if cfg is None else cfg
     model_cfg = cfg.model
@@ -160,3 +158,107 @@ def normalized_target(labels, boxes, size=(640.0, 480.0)) -> Dict[str, torch.Ten
         "query_boxes": boxes.clone(),
         "box_normalizer": torch.tensor([width, height, width, height]),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Reference computations for the loss tests, written out in float64 apart from the model's code.
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) (cx, cy, w, h) -> (x1, y1, x2, y2)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def expected_detection_losses(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    target_boxes: torch.Tensor,
+    *,
+    num_classes: int,
+    num_positives: Optional[float] = None,
+    weights: Tuple[float, float, float] = (1.0, 5.0, 2.0),
+) -> Dict[str, torch.Tensor]:
+    """
+    The Co-DINO query losses of N queries against per-query targets, in float64:
+
+    * "loss_class": quality focal loss (beta 2) summed over queries and classes: every class
+      softplus(x) * sigmoid(x)^2 (BCE towards 0), the labelled class of a positive query
+      BCE(x, IoU) * |IoU - sigmoid(x)|^2 with the IoU of its (detached) box and its target;
+    * "loss_bbox": L1 of the normalised cxcywh boxes of the positive queries;
+    * "loss_giou": 1 - GIoU of the positive queries (GIoU does not change when both boxes are
+      scaled per axis: normalised boxes give the pixel boxes' value);
+
+    each divided by ``num_positives`` (default: the positives, at least 1) and multiplied by
+    its weight (class, L1, GIoU: those of ``configs/models/dino_r50.py``).
+
+    Args:
+        logits: (N, K); boxes: (N, 4) normalised cxcywh; labels: (N,) int64, K background;
+        target_boxes: (N, 4) normalised cxcywh (ignored for background).
+    """
+    from torchvision.ops import box_iou, generalized_box_iou
+
+    logits, boxes = logits.detach().double(), boxes.detach().double()
+    target_boxes = target_boxes.detach().double()
+    positive = labels < num_classes
+    if num_positives is None:
+        num_positives = max(int(positive.sum()), 1)
+    prob = logits.sigmoid()
+    per_class = torch.nn.functional.softplus(logits) * prob**2
+    rows, columns = positive.nonzero().squeeze(1), labels[positive]
+    predicted, targets = cxcywh_to_xyxy(boxes[positive]), cxcywh_to_xyxy(target_boxes[positive])
+    iou = box_iou(predicted, targets).diagonal()
+    x, p = logits[rows, columns], prob[rows, columns]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, iou, reduction="none")
+    per_class[rows, columns] = bce * (iou - p).abs() ** 2
+    l1 = (boxes[positive] - target_boxes[positive]).abs().sum()
+    giou = (1 - generalized_box_iou(predicted, targets).diagonal()).sum()
+    class_weight, l1_weight, giou_weight = weights
+    return {
+        "loss_class": per_class.sum() / num_positives * class_weight,
+        "loss_bbox": l1 / num_positives * l1_weight,
+        "loss_giou": giou / num_positives * giou_weight,
+    }
+
+
+def hungarian_targets_by_hand(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    *,
+    num_classes: int,
+    weights: Tuple[float, float, float] = (2.0, 5.0, 2.0),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    One image's one-to-one assignment, written out: cost = class x (focal cost, alpha .25,
+    gamma 2) + L1 x (L1 of normalised cxcywh) + GIoU x (-GIoU), minimised by scipy's
+    ``linear_sum_assignment``; weights those of the matcher of ``configs/models/dino_r50.py``.
+
+    Args:
+        logits: (Q, K); boxes: (Q, 4) normalised cxcywh; gt_labels: (G,); gt_boxes: (G, 4).
+    Returns:
+        per query its label (K where unmatched) and target box (zeros where unmatched).
+    """
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import generalized_box_iou
+
+    num_queries = logits.shape[0]
+    labels = torch.full((num_queries,), num_classes, dtype=torch.int64)
+    targets = torch.zeros(num_queries, 4, dtype=torch.float64)
+    if len(gt_labels) == 0:
+        return labels, targets
+    logits, boxes, gt_boxes = logits.detach().double(), boxes.detach().double(), gt_boxes.double()
+    prob = logits.sigmoid()[:, gt_labels]
+    positive_cost = 0.25 * (1 - prob) ** 2 * -(prob + 1e-12).log()
+    negative_cost = 0.75 * prob**2 * -(1 - prob + 1e-12).log()
+    focal = positive_cost - negative_cost
+    l1 = (boxes[:, None] - gt_boxes[None]).abs().sum(-1)
+    giou = generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(gt_boxes))
+    class_weight, l1_weight, giou_weight = weights
+    cost = class_weight * focal + l1_weight * l1 - giou_weight * giou
+    queries, gts = linear_sum_assignment(cost.numpy())
+    labels[queries] = gt_labels[gts]
+    targets[queries] = gt_boxes[gts]
+    return labels, targets

@@ -122,8 +122,7 @@ class AuxiliaryParityMixin(DetectionsMixin):
         cls.reference = cls.load_reference()
         with torch.no_grad():
             cls.images = cls.model.preprocess_image(reference_inputs(cls.reference))
-            features = cls.model.neck(cls.model.backbone(cls.images.tensor))
-            memory = cls.model.query_head.encode(features, cls.model.padding_mask(cls.images))
+            memory = cls.model.encode(cls.images)
             cls.aux_features = cls.model.auxiliary_features(memory)
 
     def _head(self, kind: str):

@@ -42,7 +42,7 @@ class TestTinyCoDeformableDETRParity(DetectionsMixin, unittest.TestCase):
         cls.inputs = reference_inputs(cls.reference)
         with torch.no_grad():
             cls.images = cls.model.preprocess_image(cls.inputs)
-            cls.features = cls.model.neck(cls.model.backbone(cls.images.tensor))
+            cls.features = list(cls.model.neck(cls.model.backbone(cls.images.tensor)).values())
             cls.memory = cls.model.query_head.encode(
                 cls.features, cls.model.padding_mask(cls.images)
             )

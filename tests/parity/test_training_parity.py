@@ -203,8 +203,7 @@ def converted_model(
     if setup == "no_positive_queries":
         config.positive_queries = None
     if setup == "atss_only":
-        config.aux_heads = [h for h in config.aux_heads if "ATSS" in str(h._target_)]
-        config.positive_queries.num_heads = 1
+        config.aux_heads = [h for h in config.aux_heads if "ATSS" in h._partial_target_]
     if setup == "no_denoising":
         config.query_head.denoising = None
     model = instantiate(config)

@@ -12,7 +12,10 @@ from unittest import mock
 
 import torch
 import torchvision
+from detectron2.config import instantiate
+from detectron2.utils.analysis import FlopCountAnalysis
 
+from codetr.engine import load_lazy_config
 from codetr.layers import batched_soft_nms
 
 from ..parity import REPO_ROOT, TINY_CO_DINO_CONFIG
@@ -29,34 +32,138 @@ def _load_tool(name: str):
     return module
 
 
+class _FakeTime:
+    """Stands in for the ``time`` module of a tool: ``perf_counter`` starts at 100 and each
+    call returns the previous value plus the next of ``steps`` (a run's duration is the step
+    of its second reading)."""
+
+    def __init__(self, steps):
+        self._steps = iter(steps)
+        self._now = 100.0
+        self.calls = 0
+
+    def perf_counter(self) -> float:
+        self.calls += 1
+        self._now += next(self._steps)
+        return self._now
+
+
+def _timed_steps(durations):
+    """perf_counter steps for runs of these durations: 0 at each start, the duration at its
+    end."""
+    return [step for duration in durations for step in (0.0, duration)]
+
+
 class TestBenchmark(unittest.TestCase):
+    def setUp(self):
+        self.benchmark = _load_tool("benchmark")
+        # the tool flushes denormals process-wide: not in the test process
+        patcher = mock.patch.object(self.benchmark, "flush_denormals")
+        self.flush_denormals = patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_time_runs_median_min_max(self):
+        calls = []
+        clock = _FakeTime(_timed_steps([0.5, 0.25, 0.125, 2.0]))
+        with mock.patch.object(self.benchmark, "time", clock):
+            timing = self.benchmark.time_runs(
+                lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=4
+            )
+        # two untimed runs, then four timed ones (two readings each)
+        self.assertEqual((len(calls), clock.calls), (6, 8))
+        self.assertEqual(timing, {"median_s": (0.25 + 0.5) / 2, "min_s": 0.125, "max_s": 2.0})
+
     def test_tiny_model_inference_training_and_flops(self):
-        benchmark = _load_tool("benchmark")
-        with tempfile.TemporaryDirectory() as tmp:
+        benchmark = self.benchmark
+        args = ["--config-file", TINY_CO_DINO_CONFIG, "--device", "cpu"]
+        args += ["--height", "64", "--width", "96", "--batch-size", "2", "--boxes", "3"]
+        args += ["--iters", "2", "--warmup", "0", "--flops"]
+        # inference runs take 0.5 and 0.25 s, training steps 1 and 3 s
+        clock = _FakeTime(_timed_steps([0.5, 0.25] + [1.0, 3.0]))
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(benchmark, "time", clock):
             out = os.path.join(tmp, "result.json")
-            args = ["--config-file", TINY_CO_DINO_CONFIG, "--device", "cpu"]
-            args += ["--height", "96", "--width", "128", "--batch-size", "2", "--boxes", "3"]
-            args += ["--iters", "2", "--warmup", "0", "--flops", "--json", out]
-            self.assertEqual(benchmark.main(args), 0)
+            with mock.patch("sys.stdout", new_callable=io.StringIO) as stdout:
+                self.assertEqual(benchmark.main(args + ["--json", out]), 0)
             with open(out) as f:
                 result = json.load(f)
+        # what it prints is what it writes
+        self.assertEqual(json.loads(stdout.getvalue()), result)
+        self.flush_denormals.assert_called_once_with()
+
+        self.assertEqual(result["config"], TINY_CO_DINO_CONFIG)
+        self.assertEqual(result["device"], "cpu")
         self.assertEqual(result["batch_size"], 2)
         self.assertEqual(result["precision"], "float32")
-        self.assertEqual(result["image_size"], [96, 128])
-        self.assertGreater(result["parameters_m"], result["inference_parameters_m"])
-        for phase in ("inference", "train_step"):
-            timing = result[phase]
-            self.assertLessEqual(timing["min_s"], timing["median_s"])
-            self.assertLessEqual(timing["median_s"], timing["max_s"])
-            self.assertGreater(timing["min_s"], 0)
-            self.assertGreater(timing["peak_memory_mib"], 0)
-        self.assertAlmostEqual(
-            result["inference"]["seconds_per_image"], result["inference"]["median_s"] / 2
+        self.assertEqual(result["image_size"], [64, 96])
+        self.assertEqual(result["torch_threads"], torch.get_num_threads())
+        inference, train_step = result["inference"], result["train_step"]
+        self.assertEqual(
+            {k: inference[k] for k in ("median_s", "min_s", "max_s", "seconds_per_image")},
+            {"median_s": 0.375, "min_s": 0.25, "max_s": 0.5, "seconds_per_image": 0.1875},
         )
-        self.assertGreater(result["inference_gflops_per_image"], 0)
+        self.assertEqual(
+            {k: train_step[k] for k in ("median_s", "min_s", "max_s")},
+            {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0},  # the median of two: their mean
+        )
+        # inference reuses freed memory (glibc), training runs with the default allocator
+        self.assertIs(inference["reuse_freed_memory"], True)
+        self.assertNotIn("reuse_freed_memory", train_step)
+
+        # the counts of the model of the config, made here
+        torch.manual_seed(0)
+        model = instantiate(load_lazy_config(TINY_CO_DINO_CONFIG, []).model)
+        parameters = dict(model.named_parameters())
+        inference_only = [
+            n
+            for n in parameters
+            if not n.startswith(("aux_heads.", "aux_extra_level.", "positive_queries."))
+        ]
+        self.assertLess(len(inference_only), len(parameters))
+        self.assertEqual(result["parameters_m"], sum(p.numel() for p in parameters.values()) / 1e6)
+        self.assertEqual(
+            result["inference_parameters_m"],
+            sum(parameters[n].numel() for n in inference_only) / 1e6,
+        )
+        # FLOPs of the inference of one image of the benchmark's inputs
+        namespace = benchmark.parse_args(args)
+        inputs = benchmark.random_inputs(namespace, torch.Generator().manual_seed(0))
+        flops = FlopCountAnalysis(model.eval(), [{"image": inputs[0]["image"]}])
+        flops.unsupported_ops_warnings(False)
+        flops.uncalled_modules_warnings(False)
+        self.assertEqual(result["inference_gflops_per_image"], flops.total() / 1e9)
+
+    def test_random_inputs(self):
+        args = self.benchmark.parse_args(
+            ["--config-file", "x.py", "--height", "60", "--width", "100"]
+            + ["--batch-size", "3", "--boxes", "50", "--seed", "4"]
+        )
+        inputs = self.benchmark.random_inputs(args, torch.Generator().manual_seed(4))
+        again = self.benchmark.random_inputs(args, torch.Generator().manual_seed(4))
+        self.assertEqual(len(inputs), 3)
+        for item, same in zip(inputs, again):
+            self.assertEqual((item["height"], item["width"]), (60, 100))
+            self.assertEqual(item["image"].dtype, torch.uint8)
+            self.assertEqual(item["image"].shape, (3, 60, 100))
+            instances = item["instances"]
+            self.assertEqual(instances.image_size, (60, 100))
+            boxes = instances.gt_boxes.tensor
+            self.assertEqual(boxes.shape, (50, 4))
+            # corners in [0, 0.8 size), extents in [8, 8 + 0.2 size), clipped to the image
+            size = torch.tensor([100.0, 60.0])
+            self.assertTrue((boxes[:, :2] >= 0).all() and (boxes[:, :2] < 0.8 * size).all())
+            self.assertTrue((boxes[:, 2:] <= size).all())
+            extent = boxes[:, 2:] - boxes[:, :2]
+            self.assertTrue((extent < 8 + 0.2 * size).all())
+            unclipped = boxes[:, 2:] < size
+            self.assertTrue((extent[unclipped] >= 8).all())
+            self.assertEqual(set(instances.gt_classes.tolist()), {0, 1})
+            # the same seed, the same inputs
+            self.assertTrue(torch.equal(item["image"], same["image"]))
+            self.assertTrue(torch.equal(boxes, same["instances"].gt_boxes.tensor))
+            self.assertTrue(torch.equal(instances.gt_classes, same["instances"].gt_classes))
 
     def test_amp_runs_the_forward_passes_in_bfloat16(self):
-        benchmark = _load_tool("benchmark")
+        benchmark = self.benchmark
         linear_output_dtypes = set()
         instantiate = benchmark.instantiate
 
@@ -75,12 +182,112 @@ class TestBenchmark(unittest.TestCase):
             result = benchmark.benchmark(benchmark.parse_args(args))
         self.assertEqual(result["precision"], "bfloat16")
         self.assertEqual(linear_output_dtypes, {torch.bfloat16})
-        self.assertGreater(result["train_step"]["min_s"], 0)
+        # one timed run: its time is the median, the min and the max
+        for phase in ("inference", "train_step"):
+            timing = result[phase]
+            self.assertEqual(timing["min_s"], timing["median_s"])
+            self.assertEqual(timing["max_s"], timing["median_s"])
 
     def test_rejects_zero_iterations(self):
-        benchmark = _load_tool("benchmark")
-        with self.assertRaises(SystemExit):
-            benchmark.parse_args(["--config-file", TINY_CO_DINO_CONFIG, "--iters", "0"])
+        for option in ("--iters", "--batch-size", "--height", "--width"):
+            with mock.patch("sys.stderr", new_callable=io.StringIO) as stderr:
+                with self.assertRaises(SystemExit):
+                    self.benchmark.parse_args(["--config-file", TINY_CO_DINO_CONFIG, option, "0"])
+            self.assertIn(f"{option} must be >= 1", stderr.getvalue())
+
+
+class TestDeformableAttentionBenchmark(unittest.TestCase):
+    def setUp(self):
+        self.tool = _load_tool("benchmark_ms_deform_attn")
+
+    def test_level_shapes(self):
+        # stride 4 (ceil), then halved with ceil: 800 x 1333 -> 200 x 334 -> 100 x 167 -> ...
+        self.assertEqual(
+            self.tool.level_shapes(800, 1333, 5),
+            [(200, 334), (100, 167), (50, 84), (25, 42), (13, 21)],
+        )
+        self.assertEqual(self.tool.level_shapes(30, 17, 3), [(8, 5), (4, 3), (2, 2)])
+
+    def test_inputs(self):
+        shapes = [(4, 6), (2, 3)]
+        kw = dict(batch_size=2, num_heads=3, head_dim=4, num_points=2, offset_pixels=0.0, seed=0)
+        value, spatial_shapes, locations, weights = self.tool.make_inputs(
+            shapes, num_queries=0, **kw
+        )
+        self.assertEqual(value.shape, (2, 30, 3, 4))
+        self.assertEqual(spatial_shapes.tolist(), [[4, 6], [2, 3]])
+        # encoder: one query per token, at its own (x, y) centre on every level and point
+        self.assertEqual(locations.shape, (2, 30, 3, 2, 2, 2))
+        first_level = locations[0, :24, 0, 0, 0]
+        torch.testing.assert_close(first_level[0], torch.tensor([1 / 12, 1 / 8]))
+        torch.testing.assert_close(first_level[7], torch.tensor([3 / 12, 3 / 8]))  # row 1, col 1
+        second_level = locations[1, 24:, 2, 1, 1]
+        torch.testing.assert_close(second_level[5], torch.tensor([5 / 6, 3 / 4]))  # row 1, col 2
+        # softmax weights: each query and head sums to 1 over levels and points
+        self.assertEqual(weights.shape, (2, 30, 3, 2, 2))
+        torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(2, 30, 3))
+
+        _, _, decoder_locations, _ = self.tool.make_inputs(shapes, num_queries=7, **kw)
+        self.assertEqual(decoder_locations.shape, (2, 7, 3, 2, 2, 2))
+
+    def test_reference_and_fast_agree_on_the_benchmark_inputs(self):
+        for num_queries in (0, 50):
+            inputs = self.tool.make_inputs(
+                self.tool.level_shapes(64, 96, 4),
+                num_queries=num_queries,
+                batch_size=1,
+                num_heads=2,
+                head_dim=8,
+                num_points=4,
+                offset_pixels=4.0,
+                seed=0,
+            )
+            with torch.no_grad():
+                reference = self.tool.multi_scale_deformable_attention(*inputs)
+                fast = self.tool.multi_scale_deformable_attention_fast(*inputs)
+            torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+    def test_table(self):
+        argv = ["benchmark_ms_deform_attn.py", "--image-size", "32", "48", "--num-levels", "2"]
+        argv += ["--num-heads", "2", "--head-dim", "4", "--decoder-queries", "10", "--repeats"]
+        argv += ["3", "--threads", str(torch.get_num_threads())]
+        # per pass: a warm-up round (its runs are not timed: one reading each), then 3 timed
+        # rounds, reference then fast in each; the reference takes 0.3, 0.5, 0.4 s (median
+        # 0.4), the fast path 0.1, 0.2, 0.05 s (median 0.1)
+        timed = [0.3, 0.1, 0.5, 0.2, 0.4, 0.05]
+        one_pass = [0.0, 0.0] + _timed_steps(timed)
+        clock = _FakeTime(one_pass * 4)  # encoder and decoder, forward and forward+backward
+        with mock.patch.object(sys, "argv", argv), mock.patch.object(self.tool, "time", clock):
+            with mock.patch("sys.stdout", new_callable=io.StringIO) as stdout:
+                self.tool.main()
+        lines = stdout.getvalue().splitlines()
+        self.assertEqual(
+            lines[0],
+            f"torch {torch.__version__}, {torch.get_num_threads()} "
+            "threads; levels [(8, 12), (4, 6)]",
+        )
+        self.assertEqual(
+            lines[1].split(), ["case", "pass", "reference", "s", "fast", "s", "speedup"]
+        )
+        rows = [line.split() for line in lines[2:]]
+        timing_rows = [row for row in rows if "max" not in row]
+        self.assertEqual(
+            timing_rows,
+            [
+                [case, phase, "0.400", "0.100", "4.00x"]
+                for case in ("encoder", "decoder")
+                for phase in ("forward", "forward+backward")
+            ],
+        )
+        # the difference of the two implementations on the inputs: float32 rounding
+        differences = [line for line in lines if "max |reference - fast|" in line]
+        self.assertEqual(len(differences), 2)
+        self.assertIn("(queries 120)", differences[0])  # encoder: 8 x 12 + 4 x 6 tokens
+        self.assertIn("(queries 10)", differences[1])
+        for line in differences:
+            value = float(line.split("=")[1].split()[0])
+            self.assertLess(value, 1e-5)
+        self.assertEqual(clock.calls, 4 * len(one_pass))
 
 
 class TestOfficialBenchmarkArguments(unittest.TestCase):

@@ -1,11 +1,11 @@
 """
 CoDETR-d2: Co-DETR (DETRs with Collaborative Hybrid Assignments Training) for detectron2.
+
+Importing the package does nothing else: the entry points (``train_net.py``, ``demo.py``, the
+tools) check the prerequisites first with ``codetr.check_prerequisites``, which imports
+nothing but the standard library, so it can explain a missing torch or detectron2.
 """
+
 from ._prerequisites import check_prerequisites
 
-check_prerequisites()
-
-from . import data  # noqa: E402  registers the built-in datasets
-from .modeling import CoDETR  # noqa: E402
-
-__all__ = ["CoDETR"]
+__all__ = ["check_prerequisites"]

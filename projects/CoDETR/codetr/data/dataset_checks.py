@@ -27,13 +27,16 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.structures import BoxMode
 
-from .toy_dataset import ensure_toy_dataset
-
-__all__ = ["MISSING_IMAGES_MODES", "explained_json_errors", "load_checked_dataset_dicts"]
+__all__ = [
+    "MISSING_IMAGES_MODES",
+    "explained_json_errors",
+    "load_checked_dataset_dicts",
+    "require_registered",
+]
 
 MISSING_IMAGES_MODES = ("error", "drop")
 
@@ -189,12 +192,22 @@ def _report_degenerate_boxes(name: str, dicts: List[Dict]) -> None:
         )
 
 
+def require_registered(name: str) -> None:
+    """Raises KeyError when ``name`` is not a registered dataset, listing those that are."""
+    if name not in DatasetCatalog.list():
+        raise KeyError(
+            f"Dataset {name!r} is not registered. Register a COCO-format dataset with "
+            f"'train_net.py --register-coco {name} JSON IMAGE_ROOT' (or detectron2's "
+            f"register_coco_instances). Registered: {', '.join(sorted(DatasetCatalog.list()))}"
+        )
+
+
 def _load_one(name: str, *, is_train: bool, filter_empty: bool, missing_images: str) -> List[Dict]:
     """Loads and checks one dataset (see ``load_checked_dataset_dicts``)."""
-    ensure_toy_dataset(name)  # an unregistered name: KeyError with the registered ones
-    json_file = MetadataCatalog.get(name).get("json_file")
+    require_registered(name)
     with explained_json_errors(name, is_train=is_train):
         dicts = get_detection_dataset_dicts(name, filter_empty=filter_empty)
+    json_file = MetadataCatalog.get(name).get("json_file")
     if not isinstance(dicts, list):
         raise TypeError(
             f"Dataset {name!r} is a {type(dicts).__name__}, not a list of dicts: use detectron2's "
@@ -218,7 +231,7 @@ def load_checked_dataset_dicts(
     """
     Loads registered datasets with detectron2's ``get_detection_dataset_dicts`` (one dataset at
     a time), checking each as described in the module docstring; errors and warnings name the
-    dataset and the file. Toy datasets are generated first (``ensure_toy_dataset``).
+    dataset and the file.
 
     Args:
         names: a registered dataset name or a list of them (concatenated, in order).

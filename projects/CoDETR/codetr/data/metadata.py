@@ -4,7 +4,7 @@ import logging
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .dataset_checks import explained_json_errors
+from .dataset_checks import explained_json_errors, require_registered
 
 __all__ = ["thing_class_count"]
 
@@ -17,12 +17,7 @@ def thing_class_count(dataset_name: str) -> int:
     ``register_coco_instances`` only know their classes once their json is read, so the
     dataset is loaded when the metadata does not have them yet.
     """
-    if dataset_name not in DatasetCatalog.list():
-        raise KeyError(
-            f"Dataset {dataset_name!r} is not registered. Registered: "
-            f"{', '.join(sorted(DatasetCatalog.list()))}. Register a COCO-format dataset with "
-            f"train_net.py --register-coco NAME JSON IMAGE_ROOT."
-        )
+    require_registered(dataset_name)
     metadata = MetadataCatalog.get(dataset_name)
     if "thing_classes" not in metadata.as_dict():
         with explained_json_errors(dataset_name, is_train=False):

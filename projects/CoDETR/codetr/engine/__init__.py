@@ -8,7 +8,7 @@ from .checkpointer import (
     atomic_write,
     min_loaded_shares,
 )
-from .config import load_lazy_config, sync_num_classes
+from .config import LazyPartial, load_lazy_config, sync_num_classes
 from .cpu_runtime import flush_denormals, reuse_freed_memory
 from .device import amp_precision, autocast_to, default_device, inference_precision, train_device
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DeviceAMPTrainer",
     "LazyConfigTrainer",
+    "LazyPartial",
     "LazyPredictor",
     "MetricHistory",
     "SkippedImageLimit",

@@ -1,20 +1,24 @@
 """
 A LazyConfig as a job uses it: loaded with command-line overrides that are checked against
 the config (unknown keys and wrong types are refused before anything is built), and completed
-from its dataset (the class count).
+from its dataset (the class count); and :class:`LazyPartial`, the config entry of a part whose
+remaining arguments its owner supplies.
 """
 
 import difflib
-import os
+import functools
+import inspect
 import logging
-from typing import Any, Sequence
+import os
+from typing import Any, Callable, Sequence
 
-from detectron2.config import LazyConfig
+from detectron2.config import LazyCall, LazyConfig
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from codetr.data import thing_class_count
 
-__all__ = ["load_lazy_config", "sync_num_classes"]
+__all__ = ["LazyPartial", "load_lazy_config", "sync_num_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +122,36 @@ def sync_num_classes(cfg: DictConfig, *, eval_only: bool = False) -> None:
             f"the number of thing_classes of {name!r}"
         )
         cfg.model.query_head.num_classes = count
+
+
+class LazyPartial:
+    """
+    detectron2's ``LazyCall`` for a part that its owner finishes building: the config entry
+    ``LazyPartial(ATSSHead)(num_convs=1)`` instantiates to ``functools.partial(ATSSHead,
+    num_convs=1)``, and ``CoDETR`` calls it with the arguments it derives (the input shapes of
+    the auxiliary heads, the head count of the positive queries), so that no config states
+    them. The entry's keys are overridden like any other (``model.aux_heads.1.num_convs=2``).
+    """
+
+    def __init__(self, target: Callable[..., Any]):
+        if not callable(target):
+            raise TypeError(f"LazyPartial needs a callable, got {target!r}")
+        self._target = target
+
+    def __call__(self, **kwargs) -> DictConfig:
+        # the target is kept by name, as LazyConfig.save writes a _target_
+        name = f"{self._target.__module__}.{self._target.__qualname__}"
+        return LazyCall(bind_partial)(_partial_target_=name, **kwargs)
+
+
+def bind_partial(*, _partial_target_: str, **kwargs) -> functools.partial:
+    """
+    What a :class:`LazyPartial` entry instantiates to. Arguments the target does not take
+    are refused here, when the config is instantiated, naming the target and the keys.
+    """
+    target = locate(_partial_target_)
+    try:
+        inspect.signature(target).bind_partial(**kwargs)
+    except TypeError as error:
+        raise TypeError(f"{_partial_target_}: {error} (given {sorted(kwargs)})") from None
+    return functools.partial(target, **kwargs)

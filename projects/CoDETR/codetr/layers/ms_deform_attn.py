@@ -1,19 +1,65 @@
 """Multi-scale deformable attention (Deformable DETR), pure PyTorch."""
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ms_deform_attn_fast import multi_scale_deformable_attention_fast
+from .ms_deform_attn_fast import LevelShapes, as_level_shapes, multi_scale_deformable_attention_fast
 
-__all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
+__all__ = [
+    "multi_scale_deformable_attention",
+    "MultiScaleDeformableAttention",
+    "check_level_shapes",
+]
+
+
+def check_level_shapes(
+    level_shapes: Sequence[Tuple[int, int]],
+    num_values: int,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+) -> LevelShapes:
+    """
+    Checks the layout of a flattened multi-level sequence once, before any computation, so that
+    the attention layers can take its level shapes as they are: raises ValueError naming the
+    shapes unless ``level_shapes`` are L (h, w) pairs whose h * w sum to ``num_values`` (the S
+    of the values), ``spatial_shapes`` has shape (L, 2) and ``level_start_index`` shape (L,).
+    Reads Python ints and tensor shapes only, never tensor data: no device-to-host sync (that
+    ``spatial_shapes`` holds the same sizes is the caller's, as the transformer's
+    ``flatten_levels`` makes both from the feature maps).
+
+    Returns:
+        the level shapes as a tuple of (h, w) pairs.
+    """
+    level_shapes = as_level_shapes(level_shapes)
+    num_levels = len(level_shapes)
+    if spatial_shapes.shape != (num_levels, 2):
+        raise ValueError(
+            f"spatial_shapes must have shape ({num_levels}, 2) like the level shapes "
+            f"{list(level_shapes)}, got {tuple(spatial_shapes.shape)}"
+        )
+    if level_start_index.shape != (num_levels,):
+        raise ValueError(
+            f"level_start_index must have shape ({num_levels},) like the level shapes "
+            f"{list(level_shapes)}, got {tuple(level_start_index.shape)}"
+        )
+    total_pixels = sum(h * w for h, w in level_shapes)
+    if total_pixels != num_values:
+        raise ValueError(
+            f"value has S={num_values} positions but the level shapes {list(level_shapes)} "
+            f"sum to {total_pixels}"
+        )
+    return level_shapes
 
 
 def multi_scale_deformable_attention(
-    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+    value: Tensor,
+    spatial_shapes: Union[Tensor, Sequence[Tuple[int, int]]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
 ) -> Tensor:
     """
     Reference computation of multi-scale deformable attention: every head of every query
@@ -24,7 +70,8 @@ def multi_scale_deformable_attention(
     Args:
         value: (B, S, H, Dh) values of H heads, S = sum over levels of h * w, levels
             flattened row-major one after the other.
-        spatial_shapes: (L, 2) long, (h, w) of each level.
+        spatial_shapes: (h, w) of each level: L pairs of Python ints, or an (L, 2) integer
+            tensor, read with ``.tolist()`` (on GPU a device-to-host sync).
         sampling_locations: (B, Q, H, L, P, 2) normalised (x, y), (0, 0) the top-left corner
             and (1, 1) the bottom-right corner of each level.
         attention_weights: (B, Q, H, L, P).
@@ -34,7 +81,7 @@ def multi_scale_deformable_attention(
     """
     batch_size, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    level_shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    level_shapes = as_level_shapes(spatial_shapes)
     value_per_level = value.split([h * w for h, w in level_shapes], dim=1)
     # grid_sample expects coordinates in [-1, 1]
     sampling_grids = 2 * sampling_locations - 1
@@ -75,6 +122,11 @@ class MultiScaleDeformableAttention(nn.Module):
     The sampling runs :func:`multi_scale_deformable_attention_fast` (equal to the reference
     :func:`multi_scale_deformable_attention`). Under autocast or with 16-bit inputs, the softmax,
     the sampling locations and the sampling are computed in float32.
+
+    Given ``level_shapes`` (Python ints, checked once per forward of the encoder or decoder by
+    :func:`check_level_shapes`), a call reads no tensor data on the host, so on GPU no layer
+    waits for the device; without them every call derives and checks them from
+    ``spatial_shapes`` with a device-to-host copy.
     """
 
     def __init__(
@@ -136,6 +188,7 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         value_padding_mask: Optional[Tensor] = None,
+        level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> Tensor:
         """
         Args:
@@ -147,12 +200,23 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index: (L,) long, start of each level in S (for fused kernels).
             value_padding_mask: (B, S) bool, True at padding positions (their values are
                 zeroed), or None.
+            level_shapes: the (h, w) of every level as Python ints, the sizes in
+                ``spatial_shapes``, already checked against ``value`` with
+                :func:`check_level_shapes` (``MultiLevelSequence.level_shapes``: the encoder and
+                decoder check them once per forward and hand them to all their layers). None:
+                derived from ``spatial_shapes`` with ``.tolist()`` and checked on every call.
 
         Returns:
             (B, Q, C).
         """
-        batch_size, num_queries, num_values = self._check_inputs(
-            query, value, reference_points, spatial_shapes, level_start_index, value_padding_mask
+        batch_size, num_queries, num_values, level_shapes = self._check_inputs(
+            query,
+            value,
+            reference_points,
+            spatial_shapes,
+            level_start_index,
+            value_padding_mask,
+            level_shapes,
         )
         value = self.value_proj(value)
         if value_padding_mask is not None:
@@ -186,7 +250,7 @@ class MultiScaleDeformableAttention(nn.Module):
                 references[..., :2] + sampling_offsets / self.num_points * references[..., 2:] * 0.5
             )
         output = multi_scale_deformable_attention_fast(
-            value, spatial_shapes, sampling_locations, attention_weights
+            value, level_shapes, sampling_locations, attention_weights
         )
         return self.output_proj(output)
 
@@ -198,8 +262,13 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         value_padding_mask: Optional[Tensor],
-    ) -> Tuple[int, int, int]:
-        """Raises ValueError on inconsistent shapes; returns (B, Q, S)."""
+        level_shapes: Optional[Sequence[Tuple[int, int]]],
+    ) -> Tuple[int, int, int, LevelShapes]:
+        """
+        Raises ValueError on inconsistent shapes (tensor shapes only; the level shapes are
+        derived from ``spatial_shapes`` and checked only when not given); returns (B, Q, S) and
+        the level shapes.
+        """
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"query must have shape (B, Q, {self.embed_dim}), got {tuple(query.shape)}"
@@ -221,6 +290,10 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"level_start_index must have shape ({self.num_levels},), "
                 f"got {tuple(level_start_index.shape)}"
             )
+        if level_shapes is not None and len(level_shapes) != self.num_levels:
+            raise ValueError(
+                f"level_shapes must have {self.num_levels} (h, w) pairs, got {list(level_shapes)}"
+            )
         expected_ref_shape = (batch_size, num_queries, self.num_levels)
         if (
             reference_points.dim() != 4
@@ -240,13 +313,11 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"value_padding_mask must be a bool tensor of shape ({batch_size}, {num_values}), "
                 f"got {value_padding_mask.dtype} of shape {tuple(value_padding_mask.shape)}"
             )
-        total_pixels = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-        if total_pixels != num_values:
-            raise ValueError(
-                f"value has S={num_values} positions but spatial_shapes "
-                f"{spatial_shapes.tolist()} sum to {total_pixels}"
+        if level_shapes is None:
+            level_shapes = check_level_shapes(
+                as_level_shapes(spatial_shapes), num_values, spatial_shapes, level_start_index
             )
-        return batch_size, num_queries, num_values
+        return batch_size, num_queries, num_values, tuple(level_shapes)
 
     def extra_repr(self) -> str:
         return (

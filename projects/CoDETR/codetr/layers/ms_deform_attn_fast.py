@@ -27,17 +27,21 @@ grid_sample's own rounding), computed without per-level sampled tensors or conca
 
 Every op used has CPU and CUDA kernels, so the same formulation serves both devices (on CUDA it
 has not been timed here). Inputs in 16-bit floats, also inside autocast regions, are computed
-in float32 and the result is cast back.
+in float32 and the result is cast back. Given the level shapes as Python ints, a call reads no
+device data on the host: the per-level tables are built from them with an asynchronous copy and
+the constants with fills, so on GPU no call waits for the device.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["multi_scale_deformable_attention_fast"]
+__all__ = ["multi_scale_deformable_attention_fast", "as_level_shapes"]
+
+LevelShapes = Tuple[Tuple[int, int], ...]
 
 # corner order of the bilinear weights and indices: (row, column) offsets of the four corners
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -51,7 +55,10 @@ _MIN_POINTS_PER_VALUE_FOR_PADDING = 1 / 32
 
 
 def multi_scale_deformable_attention_fast(
-    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+    value: Tensor,
+    spatial_shapes: Union[Tensor, Sequence[Tuple[int, int]]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
 ) -> Tensor:
     """
     Multi-scale deformable attention, numerically equal to the reference function and
@@ -60,7 +67,8 @@ def multi_scale_deformable_attention_fast(
     Args:
         value: (B, S, H, Dh) values of H heads, S = sum over levels of h * w, levels
             flattened row-major one after the other.
-        spatial_shapes: (L, 2) integer, (h, w) of each level.
+        spatial_shapes: (h, w) of each level: L pairs of Python ints, or an (L, 2) integer
+            tensor, read with ``.tolist()`` (on GPU a device-to-host sync on every call).
         sampling_locations: (B, Q, H, L, P, 2) normalised (x, y), (0, 0) the top-left corner
             and (1, 1) the bottom-right corner of each level.
         attention_weights: (B, Q, H, L, P).
@@ -81,18 +89,41 @@ def multi_scale_deformable_attention_fast(
     return output.to(value.dtype)
 
 
+def as_level_shapes(spatial_shapes: Union[Tensor, Sequence[Tuple[int, int]]]) -> LevelShapes:
+    """
+    The (h, w) of every level as a tuple of pairs, from pairs of Python ints (kept as they are:
+    sizes taken from ``tensor.shape`` stay symbolic under ``torch.export``) or from an (L, 2)
+    tensor, read with ``.tolist()``: a device-to-host sync on GPU and, under tracing, constants
+    fixed to the traced sizes. ``torch.jit.trace`` gives ``tensor.shape`` as 0-dim tensors:
+    those are read as ints (constants of the trace, as ``.tolist()`` would give). Raises
+    ValueError unless it gets (h, w) pairs.
+    """
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+            raise ValueError(
+                f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}"
+            )
+        return tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+    level_shapes = tuple(
+        tuple(int(size) if isinstance(size, Tensor) else size for size in shape)
+        for shape in spatial_shapes
+    )
+    if any(len(shape) != 2 for shape in level_shapes):
+        raise ValueError(f"spatial_shapes must be (h, w) pairs, got {list(level_shapes)}")
+    return level_shapes
+
+
 def _check_inputs(
-    value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
-) -> Tuple[Tuple[int, int], ...]:
+    value: Tensor,
+    spatial_shapes: Union[Tensor, Sequence[Tuple[int, int]]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> LevelShapes:
     """Raises ValueError on inconsistent shapes; returns the (h, w) of every level."""
     if value.dim() != 4:
         raise ValueError(f"value must have shape (B, S, H, Dh), got {tuple(value.shape)}")
     batch_size, num_values, num_heads, _ = value.shape
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(
-            f"spatial_shapes must have shape (L, 2), got {tuple(spatial_shapes.shape)}"
-        )
-    level_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+    level_shapes = as_level_shapes(spatial_shapes)
     if sum(h * w for h, w in level_shapes) != num_values:
         raise ValueError(
             f"value has S={num_values} positions but spatial_shapes {list(level_shapes)} "
@@ -133,7 +164,8 @@ class _LevelTables:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        sizes = torch.tensor(level_shapes, device=device)
+        # an asynchronous copy: from the Python ints, without waiting for the device
+        sizes = torch.tensor(level_shapes).to(device, non_blocking=True)
         heights, widths = sizes[:, 0], sizes[:, 1]
         self.padded_size = _padded_size(level_shapes)
         num_values = sum(h * w for h, w in level_shapes)
@@ -150,6 +182,10 @@ class _LevelTables:
         self.extents = per_point(torch.stack([widths, heights])).to(dtype)
         self.half_extents = self.extents / 2
         self.lowest_pixels = torch.full_like(self.extents, -1.0)
+        # constants of the pixel arithmetic, filled on the device (a tensor made from a Python
+        # number would be copied from the host, and the copy waits for the device)
+        self.minus_one = torch.full((), -1.0, dtype=dtype, device=device)
+        self.minus_half = torch.full((), -0.5, dtype=dtype, device=device)
         self.last_pixels = per_point(torch.stack([widths, heights]) - 1).to(self.index_dtype)
 
         # value table: (H, L * P) row of pixel (0, 0) of every head and point of image 0
@@ -218,8 +254,8 @@ def _pixel_coordinates(
     # corners are chosen exactly as in the reference; pixel centres are at integers
     locations = sampling_locations.transpose(-1, -2)
     pixels = locations.new_empty(locations.shape)
-    torch.add(locations.new_tensor(-1.0), locations, alpha=2, out=pixels).add_(1)
-    torch.addcmul(pixels.new_tensor(-0.5), pixels, tables.half_extents, out=pixels)
+    torch.add(tables.minus_one, locations, alpha=2, out=pixels).add_(1)
+    torch.addcmul(tables.minus_half, pixels, tables.half_extents, out=pixels)
     outside = ((pixels < -1) | (pixels > tables.extents)) if with_outside_mask else None
     pixels = torch.clamp_(pixels, min=tables.lowest_pixels, max=tables.extents)
     # NaN locations keep a NaN fraction (so NaN outputs) but get a valid corner
@@ -316,7 +352,7 @@ class _GatherDeformableAttention(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx,
         value: Tensor,
-        level_shapes: Tuple[Tuple[int, int], ...],
+        level_shapes: LevelShapes,
         sampling_locations: Tensor,
         attention_weights: Tensor,
     ) -> Tensor:

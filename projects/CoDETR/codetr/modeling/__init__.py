@@ -5,6 +5,7 @@ from .positive_queries import (
     DINOPositiveQueryBuilder,
     PositiveQueryBuilder,
 )
-from .query_heads import DeformableDETRHead, DINOHead, ExtraQueries, QueryHeadBase
+from .query_group import QueryGroup
+from .query_heads import DeformableDETRHead, DINOHead, QueryHeadBase
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

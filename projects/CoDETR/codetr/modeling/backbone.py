@@ -1,12 +1,39 @@
 """Backbone builders for LazyConfig: ResNets of any width on detectron2's own ResNet."""
 
-from typing import List
+from typing import Dict, List, Sequence
 
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
-__all__ = ["build_resnet"]
+__all__ = ["build_resnet", "resnet_output_shape"]
 
 _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def _stage_out_channels(depth: int, base_channels: int) -> List[int]:
+    """Output channels of res2 ... res5: ``base_channels * 2**i``, x4 for bottleneck blocks."""
+    if depth not in _BLOCKS_PER_STAGE:
+        raise ValueError(f"ResNet depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {depth}")
+    expansion = 4 if depth >= 50 else 1
+    return [base_channels * 2**index * expansion for index in range(len(_STAGE_NAMES))]
+
+
+def resnet_output_shape(
+    *, depth: int = 50, base_channels: int = 64, out_features: Sequence[str] = _STAGE_NAMES
+) -> Dict[str, ShapeSpec]:
+    """
+    The output shapes of ``build_resnet(depth=..., base_channels=..., out_features=...)``
+    without building it: the neck's ``input_shape`` in a config, read from the backbone's keys.
+    """
+    unknown = [name for name in out_features if name not in _STAGE_NAMES]
+    if unknown:
+        raise ValueError(f"ResNet out_features {unknown} are not stages {list(_STAGE_NAMES)}")
+    channels = dict(zip(_STAGE_NAMES, _stage_out_channels(depth, base_channels)))
+    return {
+        name: ShapeSpec(channels=channels[name], stride=2 ** (_STAGE_NAMES.index(name) + 2))
+        for name in out_features
+    }
 
 
 def build_resnet(
@@ -31,15 +58,14 @@ def build_resnet(
             ``frozen_stages=1``), ...
         norm: norm of every conv ("FrozenBN" is the reference's frozen, eval-mode BN).
     """
-    if depth not in _BLOCKS_PER_STAGE:
-        raise ValueError(f"ResNet depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {depth}")
     bottleneck = depth >= 50
-    expansion = 4 if bottleneck else 1
     stages = []
     in_channels = stem_channels
-    for index, num_blocks in enumerate(_BLOCKS_PER_STAGE[depth]):
+    stage_channels = _stage_out_channels(depth, base_channels)
+    for index, (num_blocks, out_channels) in enumerate(
+        zip(_BLOCKS_PER_STAGE[depth], stage_channels)
+    ):
         width = base_channels * 2**index
-        out_channels = width * expansion
         kwargs = dict(
             block_class=BottleneckBlock if bottleneck else BasicBlock,
             num_blocks=num_blocks,

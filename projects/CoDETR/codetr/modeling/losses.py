@@ -40,9 +40,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
-
-from codetr.layers.box_ops import box_cxcywh_to_xyxy
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 __all__ = ["quality_focal_loss", "DetectionLoss"]
 
@@ -96,6 +94,8 @@ def quality_focal_loss(
 
 def _aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float) -> torch.Tensor:
     """IoU of boxes1[i] and boxes2[i], both (N, 4) in (x1, y1, x2, y2); union >= eps."""
+    # not detectron2's matched_pairwise_iou: the authors bound the union by eps, which matters
+    # here (a one-pixel box normalised by a 1333 x 800 image has an area below 1e-6)
     top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
     bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
     overlap = (bottom_right - top_left).clamp(min=0).prod(dim=1)
@@ -210,8 +210,8 @@ class DetectionLoss(nn.Module):
         target_boxes = target_boxes.flatten(0, 1).float()
 
         positive = labels < self.num_classes
-        positive_boxes = box_cxcywh_to_xyxy(boxes[positive])
-        positive_target_boxes = box_cxcywh_to_xyxy(target_boxes[positive])
+        positive_boxes = box_convert(boxes[positive], "cxcywh", "xyxy")
+        positive_target_boxes = box_convert(target_boxes[positive], "cxcywh", "xyxy")
 
         if self.class_loss == "quality_focal":
             quality = torch.zeros_like(labels, dtype=logits.dtype)

@@ -11,9 +11,7 @@ from typing import Dict, List, Tuple
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import generalized_box_iou
-
-from codetr.layers.box_ops import box_cxcywh_to_xyxy
+from torchvision.ops import box_convert, generalized_box_iou
 
 __all__ = ["HungarianMatcher", "hungarian_targets"]
 
@@ -80,7 +78,9 @@ class HungarianMatcher(nn.Module):
         l1_cost = torch.cdist(boxes, gt_boxes, p=1)
         # GIoU is invariant to scaling each axis (all areas scale by the same factor), so the
         # cost on normalised boxes equals the cost the authors compute on pixel boxes.
-        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes))
+        giou_cost = -generalized_box_iou(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
+        )
         return (
             self.class_weight * (positive_cost - negative_cost)
             + self.l1_weight * l1_cost

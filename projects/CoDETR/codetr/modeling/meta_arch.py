@@ -6,14 +6,15 @@ heads on the encoder memory and, from their positives, extra decoder queries.
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone, detector_postprocess
 from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
-from codetr.layers import box_xyxy_to_cxcywh
+from torchvision.ops import box_convert
 
 from .neck import ChannelMapper
 from .positive_queries import PositiveQueryBuilder
@@ -32,13 +33,20 @@ class CoDETR(nn.Module):
         backbone: any detectron2 Backbone.
         neck: maps backbone levels to the query head's levels.
         query_head: the DETR head (encoder, two-stage selection, decoder, losses).
-        aux_heads: one-to-many heads used in training (see ``aux_heads/base.py``); each has a
+        aux_heads: builders of the one-to-many heads used in training (see
+            ``aux_heads/base.py``), each called as ``build(input_shape=..., num_classes=...)``
+            with the shapes of the encoder memory maps plus one downsampled level and the
+            query head's class count (configs give them as ``LazyPartial``). A head has a
             ``kind`` ("one-stage" or "two-stage") and may produce test output via
             ``eval_module``. Empty: the base DETR detector.
-        aux_loss_weight: multiplies every auxiliary-head loss; the reference uses
-            num_decoder_layers x lambda_2 = 12 on top of the heads' own weights.
-        positive_queries: builds customized positive queries from the auxiliary heads'
-            assignments; None switches them off.
+        positive_queries: builder of the customized positive queries made from the auxiliary
+            heads' assignments, called as ``build(num_heads=..., embed_dim=...,
+            num_classes=...)``; None (or no auxiliary heads) switches them off.
+        lambda_1: weight of the positive queries' losses (the paper's lambda_1).
+        lambda_2: weight of the auxiliary heads' losses (the paper's lambda_2). As in the
+            paper's sum over decoder layers, these losses are added once per decoder layer:
+            their multiplier is ``lambda_2 * num_decoder_layers`` (2.0 x 6 = 12 for the
+            authors' models), on top of each head's own loss weights.
         eval_module: which head produces test output: "detr", or "one-stage" /
             "two-stage", optionally with ":index" among the heads of that kind.
         pixel_mean, pixel_std: input normalisation, in the channel order of ``input_format``.
@@ -52,9 +60,10 @@ class CoDETR(nn.Module):
         backbone: Backbone,
         neck: ChannelMapper,
         query_head: QueryHeadBase,
-        aux_heads: Sequence[nn.Module] = (),
-        aux_loss_weight: float = 1.0,
-        positive_queries: Optional[PositiveQueryBuilder] = None,
+        aux_heads: Sequence[Callable[..., nn.Module]] = (),
+        positive_queries: Optional[Callable[..., PositiveQueryBuilder]] = None,
+        lambda_1: float = 1.0,
+        lambda_2: float = 2.0,
         eval_module: str = "detr",
         pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53),
         pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375),
@@ -65,25 +74,32 @@ class CoDETR(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.query_head = query_head
-        self.aux_heads = nn.ModuleList(aux_heads)
-        self.aux_loss_weight = aux_loss_weight
-        self.positive_queries = positive_queries
+        # the auxiliary heads see the encoder memory as the neck's maps plus one level
+        # downsampled from the last, named as the neck names its levels
+        levels = neck.output_shape()
+        coarsest = list(levels.values())[-1]
+        channels, stride = coarsest.channels, coarsest.stride * 2
+        aux_input_shape = {
+            **levels,
+            f"p{int(math.log2(stride))}": ShapeSpec(channels=channels, stride=stride),
+        }
+        self.aux_feature_names = list(aux_input_shape)
+        num_classes = query_head.num_classes
+        self.aux_heads = nn.ModuleList(
+            build(input_shape=aux_input_shape, num_classes=num_classes) for build in aux_heads
+        )
+        self.positive_queries = (
+            positive_queries(num_heads=len(aux_heads), embed_dim=channels, num_classes=num_classes)
+            if positive_queries is not None and aux_heads
+            else None
+        )
+        self.lambda_1 = lambda_1
+        self.aux_loss_weight = lambda_2 * query_head.decoder.num_layers
         self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-
-        if positive_queries is not None and positive_queries.num_heads != len(aux_heads):
-            raise ValueError(
-                f"positive_queries has {positive_queries.num_heads} heads but "
-                f"there are {len(aux_heads)} auxiliary heads"
-            )
         self.eval_module = eval_module
-        # the auxiliary heads see the encoder memory as maps plus one downsampled level
-        neck_shapes = list(neck.output_shape().values())
-        strides = [s.stride for s in neck_shapes] + [neck_shapes[-1].stride * 2]
-        self.aux_feature_names = [f"p{int(math.log2(s))}" for s in strides]
-        channels = neck_shapes[-1].channels
         self.aux_extra_level = (
             nn.Sequential(
                 nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1),
@@ -162,12 +178,17 @@ class CoDETR(nn.Module):
         return [
             {
                 "labels": gt.gt_classes,
-                "boxes": box_xyxy_to_cxcywh(gt.gt_boxes.tensor / normalizer),
-                "query_boxes": box_xyxy_to_cxcywh(gt.gt_boxes.tensor) / normalizer,
+                "boxes": box_convert(gt.gt_boxes.tensor / normalizer, "xyxy", "cxcywh"),
+                "query_boxes": box_convert(gt.gt_boxes.tensor, "xyxy", "cxcywh") / normalizer,
                 "box_normalizer": normalizer,
             }
             for gt, normalizer in zip(gt_instances, box_normalizers)
         ]
+
+    def encode(self, images: ImageList) -> MultiLevelSequence:
+        """backbone -> neck -> the query head's encoder: the encoder memory of the batch."""
+        levels = self.neck(self.backbone(images.tensor))
+        return self.query_head.encode(list(levels.values()), self.padding_mask(images))
 
     def auxiliary_features(self, memory: MultiLevelSequence) -> Dict[str, Tensor]:
         """The encoder memory as per-level maps plus one downsampled level, named by stride
@@ -190,10 +211,8 @@ class CoDETR(nn.Module):
         box_normalizers = self.box_normalizers(images)
         targets = self.normalized_targets(gt_instances, box_normalizers)
 
-        # 1. backbone -> neck
-        features = self.neck(self.backbone(images.tensor))
-        # 2. query head: encoder, denoising and matching queries through the decoder
-        memory = self.query_head.encode(features, self.padding_mask(images))
+        # 1-2. backbone -> neck -> encoder; denoising and matching queries through the decoder
+        memory = self.encode(images)
         losses = self.query_head.losses(memory, targets)
         if not self.aux_heads:
             return losses
@@ -212,7 +231,7 @@ class CoDETR(nn.Module):
                     self.query_head.extra_query_losses(
                         memory,
                         queries,
-                        weight=self.positive_queries.loss_weight,
+                        weight=self.lambda_1,
                         suffix=f"_aux{index}",
                     )
                 )
@@ -221,8 +240,7 @@ class CoDETR(nn.Module):
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         images = self.preprocess_image(batched_inputs)
-        features = self.neck(self.backbone(images.tensor))
-        memory = self.query_head.encode(features, self.padding_mask(images))
+        memory = self.encode(images)
         if self._eval_head_index is None:
             outputs = self.query_head.decode(memory)
             results = self.query_head.detections(

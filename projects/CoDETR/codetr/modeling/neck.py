@@ -4,16 +4,18 @@ import math
 from typing import Dict, List
 
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import Backbone
 from torch import Tensor, nn
 
 __all__ = ["ChannelMapper"]
 
 
-class ChannelMapper(nn.Module):
+class ChannelMapper(Backbone):
     """
     One 1x1 conv + norm (no activation) per backbone level, then ``num_extra_levels`` 3x3
     stride-2 conv + norm levels: the first on the raw last backbone level, the next ones on
-    the previous extra level. Outputs are named ``p{log2(stride)}``.
+    the previous extra level. A detectron2 ``Backbone`` on the backbone's outputs: its levels
+    are named ``p{log2(stride)}``, finest first, and described by ``output_shape()``.
     """
 
     def __init__(
@@ -66,24 +68,21 @@ class ChannelMapper(nn.Module):
         )
         strides = [input_shape[f].stride for f in in_features]
         strides += [strides[-1] * 2 ** (i + 1) for i in range(num_extra_levels)]
-        self._output_shape = {
-            f"p{int(math.log2(s))}": ShapeSpec(channels=out_channels, stride=s) for s in strides
-        }
+        self._out_features = [f"p{int(math.log2(s))}" for s in strides]
+        self._out_feature_strides = dict(zip(self._out_features, strides))
+        self._out_feature_channels = {name: out_channels for name in self._out_features}
         for conv in [*self.convs, *self.extra_convs]:
             nn.init.xavier_uniform_(conv.weight)
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return dict(self._output_shape)
-
-    def forward(self, features: Dict[str, Tensor]) -> List[Tensor]:
+    def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """
         Args:
             features: backbone outputs, (B, C_in, H, W) each.
         Returns:
-            the output levels finest first, (B, out_channels, H_l, W_l) each.
+            the output levels by name, finest first, (B, out_channels, H_l, W_l) each.
         """
         inputs = [features[f] for f in self.in_features]
         outputs = [conv(x) for conv, x in zip(self.convs, inputs)]
         for index, conv in enumerate(self.extra_convs):
             outputs.append(conv(inputs[-1] if index == 0 else outputs[-1]))
-        return outputs
+        return dict(zip(self._out_features, outputs))

@@ -18,11 +18,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from codetr.layers import box_sine_embedding, box_xyxy_to_cxcywh, inverse_sigmoid
+from torchvision.ops import box_convert
+
+from codetr.layers import box_sine_embedding, inverse_sigmoid
 
 from .aux_heads.base import AssignedCoords
+from .query_group import QueryGroup
 from .random_draws import random_draws
-from .query_heads.base import ExtraQueries
 
 __all__ = ["PositiveQueryBuilder", "DINOPositiveQueryBuilder", "DeformablePositiveQueryBuilder"]
 
@@ -35,7 +37,9 @@ class PositiveQueryBuilder(nn.Module):
         num_classes: K; label K is background.
         min_queries, max_queries: bounds of the per-image query count (9 and 300 in the
             reference).
-        loss_weight: lambda_1, the weight of the positive queries' losses.
+
+    The meta-architecture gives ``num_heads``, ``embed_dim`` and ``num_classes`` (from its
+    auxiliary heads, neck and query head) and weighs the losses (lambda_1).
     """
 
     # whether the queries use a feature per box (AssignedCoords.features, or the auxiliary
@@ -46,11 +50,10 @@ class PositiveQueryBuilder(nn.Module):
         self,
         *,
         num_heads: int,
-        embed_dim: int = 256,
+        embed_dim: int,
         num_classes: int,
         min_queries: int = 9,
         max_queries: int = 300,
-        loss_weight: float = 1.0,
     ):
         super().__init__()
         if not 0 < min_queries <= max_queries:
@@ -62,7 +65,6 @@ class PositiveQueryBuilder(nn.Module):
         self.num_classes = num_classes
         self.min_queries = min_queries
         self.max_queries = max_queries
-        self.loss_weight = loss_weight
 
     def query_count(self, assignments: List[AssignedCoords]) -> int:
         """Queries per image for this batch."""
@@ -115,7 +117,7 @@ class PositiveQueryBuilder(nn.Module):
         assignments: List[AssignedCoords],
         box_normalizers: Tensor,
         aux_features: Dict[str, Tensor],
-    ) -> ExtraQueries:
+    ) -> QueryGroup:
         """
         Args:
             head_index: which auxiliary head (selects the projections).
@@ -129,8 +131,10 @@ class PositiveQueryBuilder(nn.Module):
         boxes, target_labels, target_boxes, features = [], [], [], []
         for image, (assignment, normalizer) in enumerate(zip(assignments, box_normalizers)):
             index = self._select(assignment.labels, count)
-            boxes.append(box_xyxy_to_cxcywh(assignment.boxes[index] / normalizer))
-            target_boxes.append(box_xyxy_to_cxcywh(assignment.target_boxes[index] / normalizer))
+            boxes.append(box_convert(assignment.boxes[index] / normalizer, "xyxy", "cxcywh"))
+            target_boxes.append(
+                box_convert(assignment.target_boxes[index] / normalizer, "xyxy", "cxcywh")
+            )
             target_labels.append(assignment.labels[index])
             if self.uses_features:
                 features.append(self._features(assignment, index, image, aux_features))
@@ -138,7 +142,7 @@ class PositiveQueryBuilder(nn.Module):
         content, query_pos = self.queries(
             head_index, boxes, torch.stack(features) if features else None
         )
-        return ExtraQueries(
+        return QueryGroup(
             content=content,
             reference_boxes=boxes,
             query_pos=query_pos,

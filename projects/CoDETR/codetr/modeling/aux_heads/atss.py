@@ -142,8 +142,8 @@ class ATSSHead(nn.Module):
         self,
         *,
         input_shape: Dict[str, ShapeSpec],
-        in_features: List[str],
         num_classes: int,
+        in_features: Optional[List[str]] = None,
         num_convs: int = 1,
         norm: str = "GN",
         anchor_generator: Optional[DefaultAnchorGenerator] = None,
@@ -151,9 +151,9 @@ class ATSSHead(nn.Module):
         topk: int = 9,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        cls_loss_weight: float = 12.0,
-        bbox_loss_weight: float = 24.0,
-        centerness_loss_weight: float = 12.0,
+        cls_loss_weight: float = 1.0,
+        bbox_loss_weight: float = 2.0,
+        centerness_loss_weight: float = 1.0,
         prior_prob: float = 0.01,
         test_topk_candidates: int = 1000,
         test_score_thresh: float = 0.0,
@@ -163,9 +163,9 @@ class ATSSHead(nn.Module):
         """
         Args:
             input_shape: shape of every feature map the head may read.
-            in_features: names of the levels the head uses, finest first
-                (e.g. ``["p2", ..., "p7"]``, strides 4..128, for Co-DINO).
             num_classes: number of foreground classes.
+            in_features: names of the levels the head uses, finest first; default: all of
+                ``input_shape`` by stride (``p2`` ... ``p7``, strides 4..128, for Co-DINO).
             num_convs: number of 3x3 conv + norm + ReLU layers in each tower.
             norm: normalisation of the tower convs (detectron2 ``get_norm``; "GN" is
                 GroupNorm with 32 groups, "" none).
@@ -176,7 +176,8 @@ class ATSSHead(nn.Module):
             topk: ATSS candidates per level and ground-truth box.
             focal_alpha, focal_gamma: sigmoid focal loss parameters.
             cls_loss_weight, bbox_loss_weight, centerness_loss_weight: weights of the focal,
-                GIoU and centerness losses (defaults: the authors' 1, 2, 1 times 12).
+                GIoU and centerness losses (the authors' 1, 2, 1; the meta-architecture's
+                lambda_2 multiplies all the head's losses).
             prior_prob: initial foreground probability of the classifier.
             test_topk_candidates: candidates kept per level before NMS at test time.
             test_score_thresh: classification probability a candidate must exceed.
@@ -184,6 +185,8 @@ class ATSSHead(nn.Module):
             max_detections_per_image: detections kept per image.
         """
         super().__init__()
+        if in_features is None:
+            in_features = sorted(input_shape, key=lambda name: input_shape[name].stride)
         missing = [name for name in in_features if name not in input_shape]
         if not in_features or missing:
             raise ValueError(
@@ -483,6 +486,8 @@ class ATSSHead(nn.Module):
         anchors_per_level = self.anchor_generator(level_features)
 
         results = []
+        # not DenseDetector._decode_per_level_predictions: it does not return the anchor
+        # indices that the centerness factor needs, and it decodes without the lower clamp
         for img_idx, image_size in enumerate(images.image_sizes):
             boxes, scores, classes = [], [], []
             for level_logits, level_deltas, level_centerness, level_anchors in zip(

@@ -374,22 +374,22 @@ class RCNNAuxHead(nn.Module):
 def build_rcnn_aux_head(
     *,
     input_shape: Dict[str, ShapeSpec],
-    in_features: List[str],
     num_classes: int,
-    roi_in_features: Optional[List[str]] = None,
+    in_features: Optional[List[str]] = None,
+    num_roi_levels: int = 5,
     finest_scale: int = 56,
     anchor_octave_base_scale: float = 4.0,
     anchor_scales_per_octave: int = 3,
     anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    rpn_loss_weight: float = 12.0,
+    rpn_loss_weight: float = 1.0,
     rpn_train_pre_nms_topk: int = 4000,
     rpn_train_post_nms_topk: int = 1000,
     rpn_test_pre_nms_topk: int = 1000,
     rpn_test_post_nms_topk: int = 1000,
     rpn_nms_thresh: float = 0.7,
     fc_dim: int = 1024,
-    cls_loss_weight: float = 12.0,
-    giou_loss_weight: float = 120.0,
+    cls_loss_weight: float = 1.0,
+    giou_loss_weight: float = 10.0,
     test_score_thresh: float = 0.0,
     test_nms_thresh: float = 0.5,
     test_topk_per_image: int = 100,
@@ -402,22 +402,24 @@ def build_rcnn_aux_head(
     ``stride * anchor_octave_base_scale * 2^(i / anchor_scales_per_octave)`` times each aspect
     ratio (ratio-major), centred on ``stride * (x, y)`` (offset 0); IoU matching 0.3 / 0.7 with
     low-quality matches (IoU >= 0.3); 256 anchors sampled at 0.5 positive; L1 on deltas
-    (weights 1, 1, 1, 1); NMS per level. RoI head: 7x7 aligned RoIAlign (adaptive sampling) on ``roi_in_features``; two FC
-    layers of ``fc_dim``; class-specific regression with weights (10, 10, 5, 5) trained with GIoU
+    (weights 1, 1, 1, 1); NMS per level. RoI head: 7x7 aligned RoIAlign (adaptive sampling) on the first
+    ``num_roi_levels`` levels; two FC layers of ``fc_dim``; class-specific regression with weights (10, 10, 5, 5) trained with GIoU
     on the decoded boxes; IoU matching at 0.5 without low-quality matches; 512 RoIs sampled at
     0.25 positive, ground-truth boxes added as proposals.
 
     Args:
         input_shape: channels and stride of every level; all levels share the channel count.
-        in_features: levels used by the RPN, finest first (Co-DINO: strides 4..128).
         num_classes: number of foreground classes.
-        roi_in_features: levels the RoIs are pooled from, consecutive powers of two finest
-            first; defaults to the first five of ``in_features`` (Co-Deformable-DETR uses four).
+        in_features: levels used by the RPN, finest first; default: all of ``input_shape`` by
+            stride (Co-DINO: strides 4..128).
+        num_roi_levels: the RoIs are pooled from the first this many of ``in_features``
+            (Co-DINO five, Co-Deformable-DETR four).
         finest_scale: RoIs with ``sqrt(area) < 2 * finest_scale`` go to the first RoI level, and
             each doubling moves one level up (mmdet's ``SingleRoIExtractor``).
         anchor_octave_base_scale, anchor_scales_per_octave, anchor_aspect_ratios: anchors as
             mmdet's ``AnchorGenerator``; ratios are height / width.
-        rpn_loss_weight: weight of both RPN losses.
+        rpn_loss_weight: weight of both RPN losses (the meta-architecture's lambda_2
+            multiplies all the head's losses).
         rpn_train_pre_nms_topk, rpn_test_pre_nms_topk: proposals kept per level before NMS.
         rpn_train_post_nms_topk, rpn_test_post_nms_topk: proposals kept per image after NMS.
         rpn_nms_thresh: IoU threshold of the proposal NMS.
@@ -435,14 +437,17 @@ def build_rcnn_aux_head(
             f"got {training_conventions!r}"
         )
     as_authors = training_conventions == "authors"
+    if in_features is None:
+        in_features = sorted(input_shape, key=lambda name: input_shape[name].stride)
     missing = [f for f in in_features if f not in input_shape]
     if missing:
         raise ValueError(f"in_features {missing} are not in input_shape {sorted(input_shape)}")
-    if roi_in_features is None:
-        roi_in_features = in_features[:5]
-    missing = [f for f in roi_in_features if f not in input_shape]
-    if missing:
-        raise ValueError(f"roi_in_features {missing} are not in input_shape {sorted(input_shape)}")
+    if not 0 < num_roi_levels <= len(in_features):
+        raise ValueError(
+            f"num_roi_levels must be in [1, {len(in_features)}] (the levels of in_features "
+            f"{in_features}), got {num_roi_levels}"
+        )
+    roi_in_features = in_features[:num_roi_levels]
     channels = {input_shape[f].channels for f in in_features + roi_in_features}
     if len(channels) != 1:
         raise ValueError(f"all levels must have the same channel count, got {sorted(channels)}")

@@ -1,4 +1,4 @@
-from .base import ExtraQueries, QueryHeadBase
+from .base import QueryHeadBase
 from .deformable_detr import DeformableDETRHead
 from .dino import DINOHead
 from .postprocess import detr_detections

@@ -1,11 +1,13 @@
 """
 What the DETR query heads (Co-DINO, Co-Deformable-DETR) share: the deformable encoder over
-the neck levels, per-layer prediction heads, Hungarian set losses, the decoding of extra query
-groups (Co-DETR's customized positive queries) against given targets, and the test-time
+the neck levels, two-stage proposals (every encoder token scored and refined; the best ones
+place the matching queries, whose content is learned), per-layer prediction heads, Hungarian
+set losses, the decoding of query groups with fixed targets (:class:`QueryGroup`: Co-DETR's
+customized positive queries, DINO's denoising queries) and their losses, and the test-time
 output.
 
-A subclass decides how the decoder's matching queries are formed (``decode``) and what it adds
-to the losses (denoising, encoder proposals).
+A subclass decides how the proposals are ranked and how they form the decoder's matching
+queries (``decode``), and what it adds to the losses (denoising, encoder proposals).
 """
 
 import math
@@ -20,49 +22,18 @@ from codetr.layers import MLP, MultiScaleDeformableAttention, SinePositionEmbedd
 from ..distributed import average_across_workers
 from ..losses import DetectionLoss
 from ..matcher import HungarianMatcher, hungarian_targets
+from ..query_group import QueryGroup
 from ..transformer import (
     DeformableDecoder,
     DeformableEncoder,
     MultiLevelSequence,
+    encoder_proposals,
     flatten_levels,
     level_masks,
 )
 from .postprocess import detr_detections
 
-__all__ = ["QueryHeadBase", "ExtraQueries"]
-
-
-class ExtraQueries:
-    """
-    A group of queries decoded on their own through the shared decoder and prediction heads,
-    with fixed targets (no matching): Co-DETR's customized positive queries.
-
-    Attributes:
-        content: (B, N, C) query content.
-        reference_boxes: (B, N, 4) normalised cxcywh initial reference boxes.
-        query_pos: (B, N, C) position embedding, or None when the decoder derives it from
-            the reference boxes (DINO).
-        target_labels: (B, N) int64, num_classes for background.
-        target_boxes: (B, N, 4) normalised cxcywh (ignored for background).
-        box_normalizers: (B, 4) per image (w, h, w, h) the boxes are normalised by.
-    """
-
-    def __init__(
-        self,
-        *,
-        content: Tensor,
-        reference_boxes: Tensor,
-        target_labels: Tensor,
-        target_boxes: Tensor,
-        box_normalizers: Tensor,
-        query_pos: Optional[Tensor] = None,
-    ):
-        self.content = content
-        self.reference_boxes = reference_boxes
-        self.query_pos = query_pos
-        self.target_labels = target_labels
-        self.target_boxes = target_boxes
-        self.box_normalizers = box_normalizers
+__all__ = ["QueryHeadBase"]
 
 
 class QueryHeadBase(nn.Module):
@@ -116,10 +87,29 @@ class QueryHeadBase(nn.Module):
             MLP(input_dim=embed_dim, hidden_dim=embed_dim, output_dim=4, num_layers=3)
             for _ in range(num_heads)
         )
+        # two-stage: every encoder token, projected, becomes a proposal that the last class /
+        # box head scores and refines
+        self.enc_output = nn.Linear(embed_dim, embed_dim)
+        self.enc_output_norm = nn.LayerNorm(embed_dim)
+        query_pos_modules = self._build_query_pos_modules(embed_dim)
+        # content of the matching queries (positions come from the selected proposals)
+        self.query_embed = nn.Embedding(num_queries, embed_dim)
+        self._reset_parameters([self.encoder, self.decoder, self.enc_output, *query_pos_modules])
 
-    def _reset_transformer_parameters(self, transformer_modules: List[nn.Module]) -> None:
+    def _build_query_pos_modules(self, embed_dim: int) -> List[nn.Module]:
+        """
+        Builds the modules that embed the selected proposals as the matching queries' position
+        embedding and returns those to initialise with the transformer. The constructor calls
+        it between ``enc_output`` and ``query_embed``: the reference's order of random
+        initialisation. None here: the decoder derives the position embedding from the
+        reference boxes.
+        """
+        return []
+
+    def _reset_parameters(self, transformer_modules: List[nn.Module]) -> None:
         """Xavier for every matrix of the transformer, then each deformable attention's own
-        initialisation (as the reference implementation)."""
+        initialisation (as the reference implementation); the class heads start at the focal
+        prior, the box heads with zero deltas."""
         for module in transformer_modules:
             for p in module.parameters():
                 if p.dim() > 1:
@@ -129,8 +119,6 @@ class QueryHeadBase(nn.Module):
                 if isinstance(m, MultiScaleDeformableAttention):
                     m.reset_parameters()
         nn.init.normal_(self.level_embeds)
-
-    def _reset_prediction_heads(self) -> None:
         prior_bias = -math.log((1 - 0.01) / 0.01)
         for head in self.class_heads:
             nn.init.constant_(head.bias, prior_bias)
@@ -158,18 +146,63 @@ class QueryHeadBase(nn.Module):
         )
         return sequence.with_tokens(self.encoder(sequence, pos))
 
+    # ----------------------------------------------------------------------------- two-stage
+    def _score_proposals(self, memory: MultiLevelSequence) -> Tuple[Tensor, Tensor]:
+        """
+        Scores and refines every encoder token as a proposal (:func:`encoder_proposals`).
+
+        Returns:
+            logits: (B, S, K) class logits.
+            coords: (B, S, 4) refined boxes in logit space (their sigmoid is normalised
+                cxcywh), ``inf`` at invalid tokens.
+        """
+        tokens, proposals = encoder_proposals(memory)
+        tokens = self.enc_output_norm(self.enc_output(tokens))
+        return self.class_heads[-1](tokens), self.box_heads[-1](tokens) + proposals
+
+    def _top_proposals(self, scores: Tensor, *values: Tensor) -> List[Tensor]:
+        """
+        Keeps the ``num_queries`` (Q) proposals of the highest scores, best first.
+
+        Args:
+            scores: (B, S) a score per encoder token.
+            values: each (B, S, D), per encoder token.
+        Returns:
+            each of ``values`` at the kept proposals, (B, Q, D).
+        """
+        num_tokens = scores.shape[1]
+        if num_tokens < self.num_queries:
+            raise ValueError(
+                f"The input has {num_tokens} feature positions over all levels, fewer than "
+                f"num_queries={self.num_queries}: use larger images or fewer queries."
+            )
+        top = scores.topk(self.num_queries, dim=1)[1]
+        return [v.gather(1, top[..., None].expand(-1, -1, v.shape[-1])) for v in values]
+
+    def _matching_content(self, batch_size: int) -> Tensor:
+        """(B, Q, C) the learned content of the matching queries."""
+        return self.query_embed.weight[None].expand(batch_size, -1, -1)
+
     # ----------------------------------------------------------------------------- decoder
-    def _decode_group(
+    def _decode_queries(
         self,
         memory: MultiLevelSequence,
         content: Tensor,
         reference_boxes: Tensor,
+        *,
         query_pos: Optional[Tensor] = None,
         self_attn_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """
+        Args:
+            memory: the encoder memory.
+            content: (B, N, C) query content.
+            reference_boxes: (B, N, 4) normalised cxcywh initial reference boxes.
+            query_pos: (B, N, C) position embedding, or None where the decoder derives it
+                from the reference boxes.
+            self_attn_mask: (N, N) bool, True where attention is NOT allowed, or None.
         Returns:
-            logits: (num_layers, B, Q, K); boxes: (num_layers, B, Q, 4) normalised cxcywh.
+            logits: (num_layers, B, N, K); boxes: (num_layers, B, N, 4) normalised cxcywh.
         """
         hidden, boxes = self.decoder(
             content,
@@ -198,27 +231,6 @@ class QueryHeadBase(nn.Module):
             target_labels,
             target_boxes,
             box_normalizers=torch.stack([t["box_normalizer"] for t in targets]),
-            num_positives=num_positives,
-        )
-
-    def _fixed_target_losses(
-        self,
-        logits: Tensor,
-        boxes: Tensor,
-        target_labels: Tensor,
-        target_boxes: Tensor,
-        box_normalizers: Tensor,
-    ) -> Dict[str, Tensor]:
-        """Detection losses against given per-query targets (B, Q) / (B, Q, 4); images of
-        (B, 4) ``box_normalizers``."""
-        num_positives = int((target_labels < self.num_classes).sum())
-        num_positives = average_across_workers(num_positives, logits.device)
-        return self.loss(
-            logits,
-            boxes,
-            target_labels,
-            target_boxes,
-            box_normalizers=box_normalizers,
             num_positives=num_positives,
         )
 
@@ -252,31 +264,58 @@ class QueryHeadBase(nn.Module):
         losses.update(self._name_layer_losses([encoder], prefix="enc_"))
         return losses
 
-    def extra_query_losses(
-        self, memory: MultiLevelSequence, queries: ExtraQueries, *, weight: float, suffix: str
+    def _query_group_losses(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        group: QueryGroup,
+        *,
+        weight: float = 1.0,
+        prefix: str = "",
+        suffix: str = "",
     ) -> Dict[str, Tensor]:
         """
-        Decodes a group of extra queries (no denoising, no attention mask) and supervises
-        every decoder layer with the group's fixed targets.
+        The detection losses of every decoder layer against the group's fixed targets.
+
+        Args:
+            logits: (L, B, N, K), boxes: (L, B, N, 4) normalised cxcywh: every decoder layer's
+                predictions of the group's queries.
+            group: the queries with their targets.
+        Returns:
+            ``{prefix}loss_*{suffix}`` for the last layer, ``d{i}.{prefix}loss_*{suffix}`` for
+            the others, each multiplied by ``weight``.
+        """
+        num_positives = int((group.target_labels < self.num_classes).sum())
+        num_positives = average_across_workers(num_positives, logits.device)
+        per_layer = []
+        for layer_logits, layer_boxes in zip(logits, boxes):
+            losses = self.loss(
+                layer_logits,
+                layer_boxes,
+                group.target_labels,
+                group.target_boxes,
+                box_normalizers=group.box_normalizers,
+                num_positives=num_positives,
+            )
+            per_layer.append({k: v * weight for k, v in losses.items()})
+        return self._name_layer_losses(per_layer, prefix=prefix, suffix=suffix)
+
+    def extra_query_losses(
+        self, memory: MultiLevelSequence, queries: QueryGroup, *, weight: float, suffix: str
+    ) -> Dict[str, Tensor]:
+        """
+        Decodes a group of queries on its own (no matching queries, no attention mask:
+        Co-DETR's customized positive queries) and supervises every decoder layer with the
+        group's targets.
 
         Returns:
             ``loss_*{suffix}`` for the last layer, ``d{i}.loss_*{suffix}`` for the others,
             each multiplied by ``weight``.
         """
-        logits, boxes = self._decode_group(
+        logits, boxes = self._decode_queries(
             memory, queries.content, queries.reference_boxes, query_pos=queries.query_pos
         )
-        per_layer = []
-        for layer_logits, layer_boxes in zip(logits, boxes):
-            losses = self._fixed_target_losses(
-                layer_logits,
-                layer_boxes,
-                queries.target_labels,
-                queries.target_boxes,
-                queries.box_normalizers,
-            )
-            per_layer.append({k: v * weight for k, v in losses.items()})
-        return self._name_layer_losses(per_layer, suffix=suffix)
+        return self._query_group_losses(logits, boxes, queries, weight=weight, suffix=suffix)
 
     # ----------------------------------------------------------------------------- inference
     def detections(

@@ -5,14 +5,14 @@ selection (learned content, position embedding from the selected proposals), ite
 refinement, sigmoid focal loss; no denoising.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from codetr.layers import box_sine_embedding
 
-from ..transformer import MultiLevelSequence, encoder_proposals
+from ..transformer import MultiLevelSequence
 from .base import QueryHeadBase
 
 __all__ = ["DeformableDETRHead"]
@@ -32,31 +32,22 @@ class DeformableDETRHead(QueryHeadBase):
                 "DeformableDETRHead gives the decoder its position embedding: build the decoder "
                 "with query_pos_from_boxes=False"
             )
-        embed_dim = self.decoder.embed_dim
-        self.enc_output = nn.Linear(embed_dim, embed_dim)
-        self.enc_output_norm = nn.LayerNorm(embed_dim)
+
+    def _build_query_pos_modules(self, embed_dim: int) -> List[nn.Module]:
         # position embedding of the selected proposals (first half of the output)
         self.pos_trans = nn.Linear(2 * embed_dim, 2 * embed_dim)
         self.pos_trans_norm = nn.LayerNorm(2 * embed_dim)
-        # content of the matching queries
-        self.query_embed = nn.Embedding(self.num_queries, embed_dim)
+        return [self.pos_trans]
 
-        self._reset_transformer_parameters(
-            [self.encoder, self.decoder, self.enc_output, self.pos_trans]
-        )
-        self._reset_prediction_heads()
-
-    def encoder_predictions(self, memory: MultiLevelSequence):
+    def encoder_predictions(self, memory: MultiLevelSequence) -> Tuple[Tensor, Tensor]:
         """
         Scores and refines every encoder token as a proposal.
 
         Returns:
             logits: (B, S, K); boxes: (B, S, 4) normalised cxcywh (1.0 at invalid tokens).
         """
-        tokens, proposals = encoder_proposals(memory)
-        tokens = self.enc_output_norm(self.enc_output(tokens))
-        coords = self.box_heads[-1](tokens) + proposals
-        return self.class_heads[-1](tokens), coords.sigmoid()
+        logits, coords = self._score_proposals(memory)
+        return logits, coords.sigmoid()
 
     def decode(self, memory: MultiLevelSequence) -> Dict[str, Tensor]:
         """
@@ -65,13 +56,8 @@ class DeformableDETRHead(QueryHeadBase):
             "enc_logits" (B, S, K), "enc_boxes" (B, S, 4): every encoder token's proposal.
         """
         enc_logits, enc_boxes = self.encoder_predictions(memory)
-        if enc_logits.shape[1] < self.num_queries:
-            raise ValueError(
-                f"The input has {enc_logits.shape[1]} feature positions over all levels, fewer "
-                f"than num_queries={self.num_queries}: use larger images or fewer queries."
-            )
-        top = enc_logits[..., 0].topk(self.num_queries, dim=1)[1]
-        reference = enc_boxes.gather(1, top[..., None].expand(-1, -1, 4)).detach()
+        (reference,) = self._top_proposals(enc_logits[..., 0], enc_boxes)
+        reference = reference.detach()
         embedding = self.pos_trans_norm(
             self.pos_trans(
                 box_sine_embedding(
@@ -80,8 +66,8 @@ class DeformableDETRHead(QueryHeadBase):
             )
         )
         query_pos = embedding[..., : self.decoder.embed_dim]
-        content = self.query_embed.weight[None].expand(reference.shape[0], -1, -1)
-        logits, boxes = self._decode_group(memory, content, reference, query_pos=query_pos)
+        content = self._matching_content(reference.shape[0])
+        logits, boxes = self._decode_queries(memory, content, reference, query_pos=query_pos)
         return {"logits": logits, "boxes": boxes, "enc_logits": enc_logits, "enc_boxes": enc_boxes}
 
     def losses(

@@ -7,7 +7,9 @@ import torch
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
-from codetr.layers import batched_soft_nms, box_cxcywh_to_xyxy
+from torchvision.ops import box_convert
+
+from codetr.layers import batched_soft_nms
 
 __all__ = ["detr_detections"]
 
@@ -43,7 +45,9 @@ def detr_detections(
     top_scores, top_index = scores.topk(k, dim=1)
     query_index = torch.div(top_index, num_classes, rounding_mode="floor")
     top_labels = top_index % num_classes
-    top_boxes = box_cxcywh_to_xyxy(boxes.gather(1, query_index[..., None].expand(-1, -1, 4)))
+    top_boxes = box_convert(
+        boxes.gather(1, query_index[..., None].expand(-1, -1, 4)), "cxcywh", "xyxy"
+    )
     top_boxes = top_boxes * box_normalizers[:, None, :]
     limits = box_normalizers[:, None, :]
     top_boxes = torch.minimum(top_boxes.clamp(min=0), limits)

@@ -61,7 +61,8 @@ class DeformableDecoderLayer(nn.Module):
         Args:
             query, query_pos: (B, Q, C) content and position embedding.
             reference_points: (B, Q, L, 4) reference boxes scaled to each level's valid area.
-            memory: the encoder memory.
+            memory: the encoder memory; its ``level_shapes`` are taken as checked (the decoder
+                checks them once per forward).
             self_attn_mask: (Q, Q) bool, True where attention is NOT allowed.
         Returns:
             (B, Q, C)
@@ -76,6 +77,7 @@ class DeformableDecoderLayer(nn.Module):
             memory.spatial_shapes,
             memory.level_start_index,
             memory.padding_mask,
+            level_shapes=memory.level_shapes,
         )
         query = self.norm2(query + self.dropout2(attended))
         return self.norm3(query + self.ffn(query))
@@ -149,7 +151,8 @@ class DeformableDecoder(nn.Module):
         Args:
             query: (B, Q, C) query content.
             reference_boxes: (B, Q, 4) initial reference boxes, normalised cxcywh in [0, 1].
-            memory: the encoder memory with its layout.
+            memory: the encoder memory with its layout, checked here once (``check_layout``)
+                for all layers.
             box_heads: per layer a module (B, Q, C) -> (B, Q, 4) box delta in logit space.
             query_pos: (B, Q, C); required unless ``query_pos_from_boxes``.
             self_attn_mask: (Q, Q) bool, True where attention is NOT allowed.
@@ -159,6 +162,7 @@ class DeformableDecoder(nn.Module):
         """
         if self.ref_point_head is None and query_pos is None:
             raise ValueError("DeformableDecoder needs query_pos when query_pos_from_boxes=False")
+        memory.check_layout()
         valid_ratios = torch.cat([memory.valid_ratios, memory.valid_ratios], -1)[:, None]
         reference = reference_boxes
         # the box a layer's prediction refines; differs from `reference` in keeping the

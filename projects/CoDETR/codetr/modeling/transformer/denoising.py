@@ -4,45 +4,19 @@ matching queries and must be reconstructed (positives) or rejected as background
 (negatives).
 """
 
-from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 
-from codetr.layers import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from torchvision.ops import box_convert
 
+from codetr.layers import inverse_sigmoid
+
+from ..query_group import QueryGroup
 from ..random_draws import random_draws
 
-__all__ = ["DenoisingQueries", "ContrastiveDenoising"]
-
-
-@dataclass
-class DenoisingQueries:
-    """
-    D = num_groups * 2 * max_gts queries laid out per image as ``num_groups`` groups of
-    ``2 * max_gts`` slots: ``max_gts`` positives then ``max_gts`` negatives (max_gts is the
-    largest number of objects of an image in the batch; slots past an image's own count are
-    padding, supervised as background).
-
-    Attributes:
-        content: (B, D, C) label embeddings of the (possibly flipped) labels.
-        reference_boxes: (B, D, 4) noised boxes, normalised cxcywh.
-        self_attn_mask: (D + Q, D + Q) bool, True where attention is NOT allowed: matching
-            queries cannot see denoising queries and groups cannot see each other.
-        target_labels: (B, D) int64, the true class for positives, num_classes otherwise.
-        target_boxes: (B, D, 4) normalised cxcywh target of positives (zeros otherwise).
-    """
-
-    content: Tensor
-    reference_boxes: Tensor
-    self_attn_mask: Tensor
-    target_labels: Tensor
-    target_boxes: Tensor
-
-    @property
-    def num_queries(self) -> int:
-        return self.content.shape[1]
+__all__ = ["ContrastiveDenoising"]
 
 
 class ContrastiveDenoising(nn.Module):
@@ -74,15 +48,22 @@ class ContrastiveDenoising(nn.Module):
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
 
-    def forward(
-        self, targets: List[Dict[str, Tensor]], num_matching_queries: int
-    ) -> DenoisingQueries:
+    def forward(self, targets: List[Dict[str, Tensor]], num_matching_queries: int) -> QueryGroup:
         """
         Args:
             targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh (the
-                targets), "query_boxes": (n, 4) the same, rounded as the queries' boxes; see
-                :meth:`CoDETR.normalized_targets`}.
+                targets), "query_boxes": (n, 4) the same, rounded as the queries' boxes,
+                "box_normalizer": (4,); see :meth:`CoDETR.normalized_targets`}.
             num_matching_queries: Q, the number of queries decoded after the denoising ones.
+        Returns:
+            D = num_groups * 2 * max_gts queries, laid out per image as ``num_groups`` groups
+            of ``2 * max_gts`` slots: ``max_gts`` positives then ``max_gts`` negatives (max_gts
+            is the largest number of objects of an image in the batch; slots past an image's
+            own count are padding, supervised as background). Content: label embeddings of the
+            (possibly flipped) labels; reference boxes: the noised boxes; targets: the true
+            class and box of positives, background otherwise (zero boxes); attention mask
+            (D + Q, D + Q): matching queries cannot see denoising queries and groups cannot
+            see each other.
         """
         device = self.label_embedding.weight.device
         batch_size = len(targets)
@@ -109,13 +90,13 @@ class ContrastiveDenoising(nn.Module):
                 "denoising.label", self.num_classes, flipped.shape, device
             )
         if self.box_noise_scale > 0:
-            corners = box_cxcywh_to_xyxy(noised_boxes)
+            corners = box_convert(noised_boxes, "cxcywh", "xyxy")
             half_wh = noised_boxes[:, 2:].repeat(1, 2) / 2
             sign = draws.integers("denoising.box_sign", 2, noised_boxes.shape, device) * 2.0 - 1.0
             magnitude = draws.uniform("denoising.box_shift", noised_boxes.shape, device)
             magnitude = magnitude + is_negative[:, None].float()
             corners = corners + sign * magnitude * half_wh * self.box_noise_scale
-            noised_boxes = box_xyxy_to_cxcywh(corners.clamp(0.0, 1.0))
+            noised_boxes = box_convert(corners.clamp(0.0, 1.0), "xyxy", "cxcywh")
 
         # scatter into the per-image slot layout
         image_index = torch.cat(
@@ -145,10 +126,11 @@ class ContrastiveDenoising(nn.Module):
         mask[num_dn:, :num_dn] = True
         group_id = torch.arange(num_dn, device=device) // max(group_size, 1)
         mask[:num_dn, :num_dn] = group_id[:, None] != group_id[None, :]
-        return DenoisingQueries(
+        return QueryGroup(
             content=content,
             reference_boxes=reference_logits.sigmoid(),
-            self_attn_mask=mask,
             target_labels=target_labels,
             target_boxes=target_boxes,
+            box_normalizers=torch.stack([t["box_normalizer"] for t in targets]),
+            self_attn_mask=mask,
         )

@@ -3,7 +3,7 @@ The deformable transformer encoder: multi-scale deformable self-attention over t
 multi-level tokens, post-norm.
 """
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -46,12 +46,14 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         padding_mask: Optional[Tensor],
+        level_shapes: Sequence[Tuple[int, int]],
     ) -> Tensor:
         """
         Args:
             tokens, pos: (B, S, C) features and their position embedding.
             reference_points: (B, S, L, 2).
-            spatial_shapes, level_start_index, padding_mask: see ``multi_level``.
+            spatial_shapes, level_start_index, padding_mask, level_shapes: see ``multi_level``;
+                checked by the caller (the encoder, once per forward).
         Returns:
             (B, S, C)
         """
@@ -62,6 +64,7 @@ class DeformableEncoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             padding_mask,
+            level_shapes=level_shapes,
         )
         tokens = self.norm1(tokens + self.dropout(attended))
         return self.norm2(tokens + self.ffn(tokens))
@@ -108,18 +111,21 @@ class DeformableEncoder(nn.Module):
     def forward(self, sequence: MultiLevelSequence, pos: Tensor) -> Tensor:
         """
         Args:
-            sequence: the flattened neck features with their layout.
+            sequence: the flattened neck features with their layout, checked here once
+                (``check_layout``); its Python ``level_shapes`` go to every layer.
             pos: (B, S, C) position + level embedding of every token.
         Returns:
             memory: (B, S, C)
         """
-        reference_points = encoder_reference_points(sequence.spatial_shapes, sequence.valid_ratios)
+        sequence.check_layout()
+        reference_points = encoder_reference_points(sequence.level_shapes, sequence.valid_ratios)
         tokens = sequence.tokens
         args = (
             reference_points,
             sequence.spatial_shapes,
             sequence.level_start_index,
             sequence.padding_mask,
+            sequence.level_shapes,
         )
         for index, layer in enumerate(self.layers):
             if self.training and index < self.num_checkpointed_layers:

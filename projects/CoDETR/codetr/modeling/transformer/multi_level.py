@@ -4,18 +4,30 @@ works on, and the inverse.
 
 Conventions used by the whole transformer:
 
-- ``spatial_shapes``: (L, 2) int64, ``(H_l, W_l)`` of each level.
+- ``level_shapes``: ``((H_l, W_l), ...)`` of each level as Python ints, taken from the feature
+  maps' ``.shape``: what the layers use to split, reshape and index the sequence.
+- ``spatial_shapes``: (L, 2) int64, the same sizes as a tensor on the features' device, for
+  arithmetic on the device.
 - ``level_start_index``: (L,) int64, offset of each level in the flattened sequence.
 - ``padding_mask``: True where a position lies in the padding of the batched image.
 - ``valid_ratios``: (B, L, 2), the fraction ``(w, h)`` of each level that is not padding.
+
+The layers never read sizes back from ``spatial_shapes`` (``.tolist()`` would be a
+device-to-host sync on GPU in every layer); the encoder and the decoder check the layout once
+per forward (``MultiLevelSequence.check_layout``) and hand ``level_shapes`` to their layers.
+Python ints taken from ``tensor.shape`` are traced symbolically by ``torch.export`` /
+``torch.onnx.export(dynamo=True)``, so the level sizes stay dynamic in an exported graph,
+whereas ``.tolist()`` of a tensor is a data-dependent read.
 """
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from codetr.layers import as_level_shapes, check_level_shapes
 
 __all__ = ["MultiLevelSequence", "flatten_levels", "level_masks", "encoder_reference_points"]
 
@@ -31,6 +43,8 @@ class MultiLevelSequence:
         spatial_shapes: (L, 2) int64.
         level_start_index: (L,) int64.
         valid_ratios: (B, L, 2) float, (w, h) order.
+        level_shapes: ((H_l, W_l), ...) Python ints, the sizes of ``spatial_shapes``, as
+            :func:`flatten_levels` takes them from the maps.
     """
 
     tokens: Tensor
@@ -38,6 +52,35 @@ class MultiLevelSequence:
     spatial_shapes: Tensor
     level_start_index: Tensor
     valid_ratios: Tensor
+    level_shapes: Tuple[Tuple[int, int], ...]
+
+    def __post_init__(self):
+        self.level_shapes = as_level_shapes(self.level_shapes)
+
+    def check_layout(self) -> None:
+        """
+        Raises ValueError, naming the shapes, unless tokens (B, S, C), padding mask (B, S),
+        valid ratios (B, L, 2), ``spatial_shapes`` (L, 2) and ``level_start_index`` (L,) agree
+        with the L level shapes, whose h * w sum to S (:func:`check_level_shapes`). Reads shapes
+        only, no tensor data. The encoder and the decoder call it once per forward, then hand
+        ``level_shapes`` to all their attention layers, which do not check them again.
+        """
+        if self.tokens.dim() != 3:
+            raise ValueError(f"tokens must have shape (B, S, C), got {tuple(self.tokens.shape)}")
+        batch_size, num_tokens, _ = self.tokens.shape
+        check_level_shapes(
+            self.level_shapes, num_tokens, self.spatial_shapes, self.level_start_index
+        )
+        if self.padding_mask is not None and self.padding_mask.shape != (batch_size, num_tokens):
+            raise ValueError(
+                f"padding_mask must have shape ({batch_size}, {num_tokens}) like the tokens "
+                f"{tuple(self.tokens.shape)}, got {tuple(self.padding_mask.shape)}"
+            )
+        if self.valid_ratios.shape != (batch_size, len(self.level_shapes), 2):
+            raise ValueError(
+                f"valid_ratios must have shape ({batch_size}, {len(self.level_shapes)}, 2), "
+                f"got {tuple(self.valid_ratios.shape)}"
+            )
 
     def with_tokens(self, tokens: Tensor) -> "MultiLevelSequence":
         """The same layout holding other (B, S, C') tokens."""
@@ -47,16 +90,15 @@ class MultiLevelSequence:
             self.spatial_shapes,
             self.level_start_index,
             self.valid_ratios,
+            self.level_shapes,
         )
 
     def to_maps(self) -> List[Tensor]:
         """The tokens reshaped back to per-level maps, each (B, C, H_l, W_l)."""
         batch_size, _, channels = self.tokens.shape
-        sizes = [int(h) * int(w) for h, w in self.spatial_shapes.tolist()]
+        sizes = [h * w for h, w in self.level_shapes]
         maps = []
-        for level_tokens, (h, w) in zip(
-            self.tokens.split(sizes, dim=1), self.spatial_shapes.tolist()
-        ):
+        for level_tokens, (h, w) in zip(self.tokens.split(sizes, dim=1), self.level_shapes):
             maps.append(level_tokens.transpose(1, 2).reshape(batch_size, channels, h, w))
         return maps
 
@@ -99,30 +141,35 @@ def flatten_levels(feature_maps: List[Tensor], masks: List[Tensor]) -> MultiLeve
     device = feature_maps[0].device
     tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in feature_maps], 1)
     padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-    spatial_shapes = torch.as_tensor(
-        [x.shape[-2:] for x in feature_maps], dtype=torch.long, device=device
-    )
+    # sizes from the maps' shapes (symbolic under torch.export), copied to the device without
+    # waiting for it
+    sizes = [x.shape[-2:] for x in feature_maps]
+    spatial_shapes = torch.as_tensor(sizes, dtype=torch.long).to(device, non_blocking=True)
     level_start_index = torch.cat(
         [spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]]
     )
     valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)
-    return MultiLevelSequence(tokens, padding_mask, spatial_shapes, level_start_index, valid_ratios)
+    return MultiLevelSequence(
+        tokens, padding_mask, spatial_shapes, level_start_index, valid_ratios, sizes
+    )
 
 
-def encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def encoder_reference_points(
+    level_shapes: Sequence[Tuple[int, int]], valid_ratios: Tensor
+) -> Tensor:
     """
     Reference point of every encoder token: the centre of its cell, normalised by the valid
     extent of its own level, then expressed in every level's valid extent.
 
     Args:
-        spatial_shapes: (L, 2) int64.
+        level_shapes: the (h, w) of each level, Python ints.
         valid_ratios: (B, L, 2).
     Returns:
         (B, S, L, 2) normalised (x, y).
     """
     device = valid_ratios.device
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_shapes):
         ref_y, ref_x = torch.meshgrid(
             torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
             torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),

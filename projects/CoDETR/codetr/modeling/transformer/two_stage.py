@@ -27,7 +27,7 @@ def encoder_proposals(memory: MultiLevelSequence) -> Tuple[Tensor, Tensor]:
     batch_size = tokens.shape[0]
     proposals = []
     start = 0
-    for level, (height, width) in enumerate(memory.spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(memory.level_shapes):
         level_mask = padding_mask[:, start : start + height * width].view(batch_size, height, width)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)

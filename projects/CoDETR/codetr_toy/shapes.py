@@ -27,8 +27,9 @@ Files: ``<root>/<split>/<index:06d>.jpg`` (JPEG, quality 95) and
 byte-identical files (each image draws from its own ``numpy`` generator seeded by
 ``(seed, crc32(split), index)``). The json records the generation arguments in ``info``.
 
-Registered datasets (``register_toy_datasets``, called when ``codetr.data`` is imported),
-under ``$CODETR_DATASETS/codetr_toy`` (``$CODETR_DATASETS`` defaults to "datasets"):
+Registered datasets (``register_toy_datasets``, called by what uses them: the toy data config,
+``train_net.py``, ``demo.py`` and the tests), under ``$CODETR_DATASETS/codetr_toy``
+(``$CODETR_DATASETS`` defaults to "datasets"):
 
 - ``codetr_toy_train``: 1000 images, seed 0;
 - ``codetr_toy_val``: 100 images, seed 1.
@@ -55,6 +56,8 @@ from iopath.common.file_io import file_lock
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+
+from codetr.data.dataset_checks import require_registered
 
 __all__ = [
     "TOY_THING_CLASSES",
@@ -368,12 +371,7 @@ def ensure_toy_dataset(name: str) -> str:
     Raises:
         KeyError: ``name`` is not registered (the message lists the registered datasets).
     """
-    if name not in DatasetCatalog:
-        raise KeyError(
-            f"Dataset {name!r} is not registered. Register a COCO-format dataset with "
-            f"'train_net.py --register-coco {name} JSON IMAGE_ROOT' (or detectron2's "
-            f"register_coco_instances). Registered datasets: {', '.join(sorted(DatasetCatalog))}"
-        )
+    require_registered(name)
     if name not in _REGISTERED_ROOTS:
         return name
     root, spec = _REGISTERED_ROOTS[name], TOY_DATASET_SPLITS[name]
