@@ -24,6 +24,8 @@ from codetr.modeling.transformer import DeformableDecoder, DeformableEncoder
 
 NUM_CLASSES = "${model.query_head.num_classes}"
 EMBED_DIM = 256
+# the transformer width is the neck's, read from it
+NECK_CHANNELS = "${model.neck.out_channels}"
 NUM_LEVELS = 4
 
 model = L(CoDETR)(
@@ -49,7 +51,7 @@ model = L(CoDETR)(
         ),
         encoder=L(DeformableEncoder)(
             num_layers=6,
-            embed_dim=EMBED_DIM,
+            embed_dim=NECK_CHANNELS,
             num_heads=8,
             num_levels=NUM_LEVELS,
             num_points=4,
@@ -58,7 +60,7 @@ model = L(CoDETR)(
         ),
         decoder=L(DeformableDecoder)(
             num_layers=6,
-            embed_dim=EMBED_DIM,
+            embed_dim=NECK_CHANNELS,
             num_heads=8,
             num_levels=NUM_LEVELS,
             num_points=4,

@@ -19,6 +19,8 @@ from codetr.modeling.transformer import (
 
 NUM_CLASSES = "${model.query_head.num_classes}"
 EMBED_DIM = 256
+# the transformer width is the neck's, read from it
+NECK_CHANNELS = "${model.neck.out_channels}"
 NUM_LEVELS = 5
 
 model = L(CoDETR)(
@@ -44,7 +46,7 @@ model = L(CoDETR)(
         ),
         encoder=L(DeformableEncoder)(
             num_layers=6,
-            embed_dim=EMBED_DIM,
+            embed_dim=NECK_CHANNELS,
             num_heads=8,
             num_levels=NUM_LEVELS,
             num_points=4,
@@ -54,7 +56,7 @@ model = L(CoDETR)(
         ),
         decoder=L(DeformableDecoder)(
             num_layers=6,
-            embed_dim=EMBED_DIM,
+            embed_dim=NECK_CHANNELS,
             num_heads=8,
             num_levels=NUM_LEVELS,
             num_points=4,
@@ -67,7 +69,7 @@ model = L(CoDETR)(
         ),
         denoising=L(ContrastiveDenoising)(
             num_classes=NUM_CLASSES,
-            embed_dim=EMBED_DIM,
+            embed_dim=NECK_CHANNELS,
             num_dn_queries=100,
             label_noise_ratio=0.5,
             box_noise_scale=1.0,

@@ -22,12 +22,8 @@ model.neck.out_channels = EMBED_DIM
 
 model.query_head.update(num_classes=80, num_queries=30)
 model.query_head.position_embedding.num_pos_feats = EMBED_DIM // 2
-model.query_head.encoder.update(
-    num_layers=2, embed_dim=EMBED_DIM, num_heads=8, ffn_dim=2 * EMBED_DIM
-)
-model.query_head.decoder.update(
-    num_layers=2, embed_dim=EMBED_DIM, num_heads=8, ffn_dim=2 * EMBED_DIM
-)
+model.query_head.encoder.update(num_layers=2, num_heads=8, ffn_dim=2 * EMBED_DIM)
+model.query_head.decoder.update(num_layers=2, num_heads=8, ffn_dim=2 * EMBED_DIM)
 
 model.aux_heads[0].fc_dim = 128
 model.positive_queries.max_queries = 20

@@ -24,13 +24,9 @@ model.query_head.update(
     num_classes=80, num_queries=NUM_QUERIES, num_candidates=NUM_QUERIES, max_detections=300
 )
 model.query_head.position_embedding.num_pos_feats = EMBED_DIM // 2
-model.query_head.encoder.update(
-    num_layers=2, embed_dim=EMBED_DIM, num_heads=8, ffn_dim=2 * EMBED_DIM
-)
-model.query_head.decoder.update(
-    num_layers=2, embed_dim=EMBED_DIM, num_heads=8, ffn_dim=2 * EMBED_DIM
-)
-model.query_head.denoising.update(embed_dim=EMBED_DIM, num_dn_queries=10)
+model.query_head.encoder.update(num_layers=2, num_heads=8, ffn_dim=2 * EMBED_DIM)
+model.query_head.decoder.update(num_layers=2, num_heads=8, ffn_dim=2 * EMBED_DIM)
+model.query_head.denoising.num_dn_queries = 10
 model.aux_heads[0].fc_dim = 128
 model.positive_queries.max_queries = 20
 # the authors' tiny model keeps the R50 model's auxiliary weight 12 with 2 decoder layers

@@ -30,9 +30,9 @@ head.num_queries = 100
 head.num_candidates = 100
 head.max_detections = 100
 head.position_embedding.num_pos_feats = EMBED_DIM // 2
-head.encoder.update(num_layers=2, embed_dim=EMBED_DIM, ffn_dim=4 * EMBED_DIM)
-head.decoder.update(num_layers=2, embed_dim=EMBED_DIM, ffn_dim=4 * EMBED_DIM)
-head.denoising.update(embed_dim=EMBED_DIM, num_dn_queries=50)
+head.encoder.update(num_layers=2, ffn_dim=4 * EMBED_DIM)
+head.decoder.update(num_layers=2, ffn_dim=4 * EMBED_DIM)
+head.denoising.num_dn_queries = 50
 
 # trained from scratch: no reduced backbone learning rate, a higher base rate
 optimizer.lr = 1e-3

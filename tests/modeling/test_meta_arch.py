@@ -168,6 +168,15 @@ def test_parts_are_built_from_what_the_model_derives(parts):
     assert CoDETR(**parts, positive_queries=builder).positive_queries is None
 
 
+def test_neck_and_query_head_must_agree(parts):
+    # one more neck level than the encoder and decoder attend to: refused when built
+    cfg = tiny_dino_config().model
+    cfg.neck.num_extra_levels = 2
+    neck = instantiate(cfg.neck)
+    with pytest.raises(ValueError, match=r"6 levels of 64 channels .* expects \(5, 64\)"):
+        CoDETR(**dict(parts, neck=neck))
+
+
 # ------------------------------------------------------------------------------ inputs
 def _images():
     return ImageList.from_tensors([torch.zeros(3, 40, 30), torch.zeros(3, 32, 48)])

@@ -72,10 +72,8 @@ def tiny_dino_config(
     head.position_embedding.num_pos_feats = EMBED_DIM // 2
     for part in (head.encoder, head.decoder):
         part.num_layers = 2
-        part.embed_dim = EMBED_DIM
         part.num_heads = 4
         part.ffn_dim = 2 * EMBED_DIM
-    head.denoising.embed_dim = EMBED_DIM
     head.denoising.num_dn_queries = num_dn_queries
     return cfg
 

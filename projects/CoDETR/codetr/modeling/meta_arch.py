@@ -79,6 +79,14 @@ class CoDETR(nn.Module):
         levels = neck.output_shape()
         coarsest = list(levels.values())[-1]
         channels, stride = coarsest.channels, coarsest.stride * 2
+        # the query head is built before the model: its size can only be checked here
+        if tuple(query_head.level_embeds.shape) != (len(levels), channels):
+            raise ValueError(
+                f"The neck gives {len(levels)} levels of {channels} channels "
+                f"({list(levels)}), the query head expects "
+                f"{tuple(query_head.level_embeds.shape)} (levels, channels): give the "
+                f"encoder and the decoder the neck's num_levels and embed_dim"
+            )
         aux_input_shape = {
             **levels,
             f"p{int(math.log2(stride))}": ShapeSpec(channels=channels, stride=stride),
