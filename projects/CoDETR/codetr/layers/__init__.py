@@ -1,5 +1,5 @@
-"""Detector-independent building blocks: box ops, position embeddings, deformable attention,
-soft-NMS and MLPs."""
+"""Detector-independent building blocks: the inverse sigmoid, position embeddings, deformable
+attention, soft-NMS and MLPs."""
 
 from .box_ops import inverse_sigmoid
 from .mlp import MLP
