@@ -16,9 +16,13 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 COCO_TRAIN_IMAGES = 118287
+LVIS_V1_TRAIN_IMAGES = 100170
 TOTAL_BATCH_SIZE = 16
 # 7393: the last, incomplete batch of an epoch counts.
 COCO_ITERS_PER_EPOCH = math.ceil(COCO_TRAIN_IMAGES / TOTAL_BATCH_SIZE)
+# 6261 iterations: an epoch of the LVIS v1 train images. With repeat-factor sampling an epoch
+# of the authors' (mmdet's ClassBalancedDataset) holds sum(ceil(r_i)) images, more than this.
+LVIS_ITERS_PER_EPOCH = math.ceil(LVIS_V1_TRAIN_IMAGES / TOTAL_BATCH_SIZE)
 
 
 def default_coco_scheduler(
@@ -58,3 +62,6 @@ def default_coco_scheduler(
 lr_multiplier_1x = default_coco_scheduler(epochs=12, decay_epochs=11)
 lr_multiplier_2x = default_coco_scheduler(epochs=24, decay_epochs=20)
 lr_multiplier_3x = default_coco_scheduler(epochs=36, decay_epochs=30)
+lr_multiplier_lvis_1x = default_coco_scheduler(
+    epochs=12, decay_epochs=11, iters_per_epoch=LVIS_ITERS_PER_EPOCH
+)
