@@ -12,7 +12,8 @@ Train or evaluate a Co-DETR model described by a LazyConfig.
   ``train.seed >= 0``); without it, training starts at iteration 0 from the weights of
   ``train.init_checkpoint``.
 - ``--eval-only`` evaluates ``train.init_checkpoint`` (with ``--resume``: the last checkpoint
-  of ``train.output_dir``) on ``dataloader.test`` with ``dataloader.evaluator``.
+  of ``train.output_dir``) on ``dataloader.test`` with ``dataloader.evaluator``; with
+  ``train.model_ema.enabled``, the EMA of the weights that the checkpoint holds.
 - ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) registers a COCO-format dataset
   under NAME; use it with ``dataloader.train.dataset.names=NAME`` (and ``.test``).
 - The number of classes follows the dataset: ``model.query_head.num_classes`` is set from the
@@ -44,6 +45,7 @@ from codetr.engine import (  # noqa: E402
     flush_denormals,
     load_lazy_config,
     min_loaded_shares,
+    model_ema_enabled,
     reuse_freed_memory,
     sync_num_classes,
 )
@@ -78,9 +80,12 @@ def main(args) -> Optional[Dict[str, Any]]:
     if args.eval_only:
         model = LazyConfigTrainer.build_model(cfg)
         model = LazyConfigTrainer.build_ddp_model(cfg, model)
-        AtomicCheckpointer(model, cfg.train.output_dir, **min_loaded_shares(cfg)).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
-        )
+        AtomicCheckpointer(
+            model,
+            cfg.train.output_dir,
+            load_ema_weights=model_ema_enabled(cfg),
+            **min_loaded_shares(cfg),
+        ).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
         with reuse_freed_memory():
             return LazyConfigTrainer.test(cfg, model)
 

@@ -28,6 +28,7 @@ TRAINING_CONFIG_FILES = [name for name in CONFIG_FILES if not name.startswith("p
 # parameters of the training-only branch (auxiliary heads, positive queries)
 TRAINING_ONLY_PREFIXES = ("aux_heads.", "aux_extra_level.", "positive_queries.")
 COCO_ITERS_PER_EPOCH = 7393
+LVIS_ITERS_PER_EPOCH = 6261  # ceil(100170 LVIS v1 train images / 16)
 
 _linspace = torch.linspace
 
@@ -115,6 +116,7 @@ class SwinRecipe(NamedTuple):
     max_per_img: int  # detections kept at test time
     weight_decay: float
     lsj_size: int = 0  # 0: DETR augmentation
+    iters_per_epoch: int = COCO_ITERS_PER_EPOCH
 
 
 _CO_DEFORMABLE = "co_deformable_detr/co_deformable_detr_swin_"
@@ -135,6 +137,10 @@ SWIN_RECIPES = {
     f"{_CO_DINO}lsj_swin_large_2x_coco.py": SwinRecipe("L", 12, 0.5, 24, 20, 900, 300, 1e-4, 1280),
     # the authors' LSJ 3x keeps the 2x drop path
     f"{_CO_DINO}lsj_swin_large_3x_coco.py": SwinRecipe("L", 12, 0.5, 36, 30, 900, 300, 1e-4, 1280),
+    # LVIS: 12 epochs despite the name, as the authors' file
+    f"{_CO_DINO}lsj_swin_large_3x_lvis.py": SwinRecipe(
+        "L", 12, 0.3, 12, 11, 900, 300, 1e-4, 1280, LVIS_ITERS_PER_EPOCH
+    ),
 }
 
 
@@ -164,8 +170,8 @@ def test_swin_config_follows_the_authors(name):
     if co_dino:
         assert head.encoder.num_checkpointed_layers == 6
 
-    assert cfg.train.max_iter == recipe.epochs * COCO_ITERS_PER_EPOCH
-    assert list(cfg.lr_multiplier.milestones) == [recipe.lr_step_epoch * COCO_ITERS_PER_EPOCH]
+    assert cfg.train.max_iter == recipe.epochs * recipe.iters_per_epoch
+    assert list(cfg.lr_multiplier.milestones) == [recipe.lr_step_epoch * recipe.iters_per_epoch]
     assert cfg.optimizer.lr == 2e-4
     assert math.isclose(cfg.optimizer.weight_decay, recipe.weight_decay)
     lr_factor = cfg.optimizer.params.lr_factor_func

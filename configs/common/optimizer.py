@@ -11,6 +11,20 @@ does not have)::
         lr_factor, backbone_multiplier=0.1, linear_projection_multiplier=0.1
     )
 
+A ViT backbone (the authors' Co-DINO ViT-L: AdamW lr 5e-5, weight decay 0.01, layer-wise lr
+decay 0.8 over 24 blocks, no backbone multiplier, and their weight-decay exemptions: 1-D
+parameters, biases, relative position tables)::
+
+    from codetr.engine.optimizer import layer_decay_optimizer_params
+
+    optimizer.params = L(layer_decay_optimizer_params)(
+        base_lr="${..lr}",
+        weight_decay="${..weight_decay}",
+        lr_factor_func=partial(lr_factor, backbone_multiplier=1.0, layer_decay=0.8, num_layers=24),
+    )
+    optimizer.lr = 5e-5
+    optimizer.weight_decay = 0.01
+
 ``optimizer.params.model`` is set by the trainer before instantiation.
 """
 

@@ -34,6 +34,12 @@ train = dict(
     # >= 0: reproducible runs and exact resume; < 0: a random seed.
     seed=0,
     clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),
+    # An exponential moving average (EMA) of the weights (codetr/engine/ema.py), updated after
+    # every iteration t with the decay decay * (1 - exp(-(t + 1) / warmup_iters)) (`decay` when
+    # warmup_iters=0). Checkpoints hold it as "model_ema" next to the raw weights ("model");
+    # evaluation (also with --eval-only) then uses it. The authors train ViT-L Co-DINO with
+    # enabled=True, decay=0.9999, warmup_iters=2000 (mmdet's ExpMomentumEMAHook, momentum=1e-4).
+    model_ema=dict(enabled=False, decay=0.9999, warmup_iters=2000),
     # Unreadable training images are skipped with a warning; the run stops once more than this
     # fraction of the training set has been skipped.
     max_skipped_image_fraction=0.01,

@@ -6,7 +6,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from codetr.engine import AtomicCheckpointer, atomic_write
+from codetr.engine import AtomicCheckpointer, ModelEMA, atomic_write
 
 
 class _Counter:
@@ -105,6 +105,36 @@ class TestAtomicCheckpointer(unittest.TestCase):
         atomic_write(path, lambda f: f.write(b"new"))
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"new")
+
+    def test_ema_weights(self):
+        ema = ModelEMA(self.model, decay=0.5)
+        ema.reset()
+        with torch.no_grad():
+            for parameter in self.model.parameters():
+                parameter.add_(1.0)
+        ema.update(0)
+        raw = {k: v.clone() for k, v in self.model.state_dict().items()}
+        AtomicCheckpointer(self.model, self.save_dir, model_ema=ema).save("model_final")
+        path = os.path.join(self.save_dir, "model_final.pth")
+        self.assertEqual(set(torch.load(path, weights_only=True)), {"model", "model_ema"})
+
+        def load(load_ema_weights):
+            model = nn.Linear(3, 2)
+            AtomicCheckpointer(model, load_ema_weights=load_ema_weights).load(path)
+            return model.state_dict()
+
+        for name, value in load(load_ema_weights=True).items():
+            self.assertTrue(torch.equal(value, ema.state_dict()[name]), name)
+            self.assertFalse(torch.equal(value, raw[name]), name)
+        for name, value in load(load_ema_weights=False).items():
+            self.assertTrue(torch.equal(value, raw[name]), name)
+
+        self.checkpointer.save("raw_only")  # no EMA: the raw weights, with a warning
+        path = os.path.join(self.save_dir, "raw_only.pth")
+        with self.assertLogs("fvcore.common.checkpoint", "WARNING") as logs:
+            loaded = load(load_ema_weights=True)
+        self.assertIn("raw_only.pth holds no EMA weights", logs.output[0])
+        self.assertTrue(torch.equal(loaded["weight"], raw["weight"]))
 
     def test_not_main_process_writes_nothing(self):
         AtomicCheckpointer(self.model, self.save_dir, save_to_disk=False).save("model_final")

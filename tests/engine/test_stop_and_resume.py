@@ -71,16 +71,16 @@ class TestStopAndResume(unittest.TestCase):
         trainer.resume_or_load(resume=resume)
         return trainer
 
-    def _straight(self):
+    def _straight(self, **train_overrides):
         output_dir = os.path.join(self.tmp, "straight")
-        trainer = self._trainer(output_dir)
+        trainer = self._trainer(output_dir, **train_overrides)
         trainer.train()
         return trainer, output_dir
 
-    def _check_signal(self, signum):
-        straight, _ = self._straight()
+    def _check_signal(self, signum, **train_overrides):
+        straight, _ = self._straight(**train_overrides)
         output_dir = os.path.join(self.tmp, "signalled")
-        trainer = self._trainer(output_dir, _SignalAt(2, signum))
+        trainer = self._trainer(output_dir, _SignalAt(2, signum), **train_overrides)
         with self.assertRaises(SystemExit) as stop:
             trainer.train()
         self.assertEqual(stop.exception.code, 128 + signum)
@@ -90,11 +90,12 @@ class TestStopAndResume(unittest.TestCase):
         # the handlers are back: this signal would kill a process again
         self.assertIs(signal.getsignal(signum), self._previous[signum])
 
-        resumed = self._trainer(output_dir, resume=True)
+        resumed = self._trainer(output_dir, resume=True, **train_overrides)
         self.assertEqual(resumed.start_iter, 3)
         resumed.train()
         for name, value in straight.model.state_dict().items():
             self.assertTrue(torch.equal(value, resumed.model.state_dict()[name]), name)
+        return straight, resumed
 
     def setUpSignals(self):
         self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -106,6 +107,20 @@ class TestStopAndResume(unittest.TestCase):
     def test_sigterm_saves_the_iteration_and_resumes_exactly(self):
         self.setUpSignals()
         self._check_signal(signal.SIGTERM)
+
+    def test_sigterm_with_model_ema_resumes_the_average_exactly(self):
+        self.setUpSignals()
+        model_ema = dict(enabled=True, decay=0.6, warmup_iters=2)
+        straight, resumed = self._check_signal(signal.SIGTERM, model_ema=model_ema)
+        saved = torch.load(
+            os.path.join(self.tmp, "signalled", "model_0000002.pth"), weights_only=True
+        )
+        self.assertIn("model_ema", saved)  # the checkpoint written on the signal
+        averaged = straight.model_ema.state_dict()
+        self.assertEqual(list(averaged), list(resumed.model_ema.state_dict()))
+        for name, value in averaged.items():
+            self.assertTrue(torch.equal(value, resumed.model_ema.state_dict()[name]), name)
+            self.assertFalse(torch.equal(value, straight.model.state_dict()[name]), name)
 
     def test_stale_temporary_files_are_removed_at_start(self):
         finished = subprocess.run(

@@ -163,6 +163,7 @@ class _CrashAt(HookBase):
 def _training_state(trainer: LazyConfigTrainer):
     return {
         "model": trainer.model.state_dict(),
+        "model_ema": None if trainer.model_ema is None else trainer.model_ema.state_dict(),
         "trainer": trainer.state_dict(),
     }
 
@@ -223,10 +224,17 @@ class TestLazyConfigTrainer(unittest.TestCase):
     def test_exact_resume(self):
         state = self._check_exact_resume()
         self.assertNotIn("grad_scaler", state["trainer"]["_trainer"])
+        self.assertIsNone(state["model_ema"])  # train.model_ema is off by default
 
     def test_exact_resume_amp_float16(self):
         state = self._check_exact_resume(amp=dict(enabled=True, precision="float16"))
         self.assertGreater(state["trainer"]["_trainer"]["grad_scaler"]["scale"], 0)
+
+    def test_exact_resume_with_model_ema(self):
+        # the same EMA of the weights, and the same raw weights, as the straight run
+        state = self._check_exact_resume(model_ema=dict(enabled=True, decay=0.6, warmup_iters=2))
+        head = state["model"]["head.weight"]
+        self.assertFalse(torch.allclose(state["model_ema"]["head.weight"], head))
 
     def test_resume_without_seed(self):
         with self.assertRaisesRegex(RuntimeError, "simulated crash"):

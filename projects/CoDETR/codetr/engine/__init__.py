@@ -11,6 +11,7 @@ from .checkpointer import (
 from .config import LazyPartial, load_lazy_config, sync_num_classes
 from .cpu_runtime import flush_denormals, reuse_freed_memory
 from .device import amp_precision, autocast_to, default_device, inference_precision, train_device
+from .ema import EMA_WEIGHTS_KEY, ModelEMA, ModelEMAHook, model_ema_enabled
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping, lr_factor
 from .predictor import LazyPredictor
@@ -20,10 +21,13 @@ __all__ = [
     "AtomicCheckpointer",
     "CheckpointMismatchError",
     "DeviceAMPTrainer",
+    "EMA_WEIGHTS_KEY",
     "LazyConfigTrainer",
     "LazyPartial",
     "LazyPredictor",
     "MetricHistory",
+    "ModelEMA",
+    "ModelEMAHook",
     "SkippedImageLimit",
     "StopWithCheckpoint",
     "add_gradient_clipping",
@@ -37,6 +41,7 @@ __all__ = [
     "load_lazy_config",
     "lr_factor",
     "min_loaded_shares",
+    "model_ema_enabled",
     "reuse_freed_memory",
     "sync_num_classes",
     "train_device",

@@ -27,6 +27,8 @@ from codetr.checkpoint import (
     load_pickle_weights,
 )
 
+from .ema import EMA_WEIGHTS_KEY
+
 __all__ = [
     "AtomicCheckpointer",
     "CheckpointMismatchError",
@@ -122,6 +124,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
     backbone weights as published: a plain torchvision ResNet state dict, or an official Swin
     checkpoint; their names are mapped to the detector's ``backbone.*``.
 
+    A checkpoint of a run with an EMA of the weights (:mod:`codetr.engine.ema`) holds the raw
+    weights as ``"model"`` and the averaged ones as ``"model_ema"``; with ``load_ema_weights``
+    the model is given the averaged ones.
+
     A file given to :meth:`load` (e.g. ``train.init_checkpoint``; not the last checkpoint of
     ``save_dir`` that ``resume_or_load(resume=True)`` resumes from) must fill enough of the
     model's tensors, else :class:`CheckpointMismatchError` names the file and what matched
@@ -136,6 +142,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         save_to_disk: Optional[bool] = None,
         min_loaded_fraction: float = 0.0,
         min_backbone_fraction: float = 0.5,
+        load_ema_weights: bool = False,
         **checkpointables: Any,
     ):
         """
@@ -146,6 +153,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 tensors (its state dict entries), and at least one of them.
             min_backbone_fraction: a loaded file that holds only ``backbone.*`` tensors must
                 fill at least this share of the model's ``backbone.*`` tensors.
+            load_ema_weights: load into the model the EMA of the weights (``"model_ema"``) of a
+                file that holds one, instead of its raw weights (``"model"``); a file without
+                one gives its raw weights, with a warning.
         """
         for name, value in [
             ("min_loaded_fraction", min_loaded_fraction),
@@ -156,6 +166,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.min_loaded_fraction = min_loaded_fraction
         self.min_backbone_fraction = min_backbone_fraction
+        self.load_ema_weights = load_ema_weights
         # The file that the load in progress checks the loaded share of (None: no check).
         self._checked_file: Optional[str] = None
 
@@ -223,6 +234,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         loaded = self._read_file(filename)
+        if self.load_ema_weights:
+            if EMA_WEIGHTS_KEY in loaded:
+                self.logger.info(f"{filename}: loading its EMA weights ('{EMA_WEIGHTS_KEY}')")
+                loaded["model"] = loaded.pop(EMA_WEIGHTS_KEY)
+            else:
+                self.logger.warning(
+                    f"{filename} holds no EMA weights ('{EMA_WEIGHTS_KEY}'): loading its raw "
+                    "weights ('model')"
+                )
         weights = loaded["model"]
         if is_torchvision_resnet_state_dict(weights):
             self.logger.info(f"{filename}: torchvision ResNet weights, mapped to backbone.*")

@@ -8,6 +8,7 @@ rest (the hook machinery, ``run_step``, ``state_dict``). The config must have th
 optionally ``dataloader.evaluator``, and ``train`` (see ``configs/common/train.py``).
 """
 
+import contextlib
 import copy
 import json
 import logging
@@ -36,6 +37,7 @@ import codetr.data  # noqa: F401  (registers the project's datasets)
 
 from .checkpointer import AtomicCheckpointer, min_loaded_shares
 from .device import AMP_PRECISIONS, amp_precision, autocast_to, inference_precision, train_device
+from .ema import EMA_WEIGHTS_KEY, ModelEMA, ModelEMAHook, model_ema_enabled
 from .hooks import MetricHistory, SkippedImageLimit, StopWithCheckpoint
 from .optimizer import add_gradient_clipping
 
@@ -196,12 +198,18 @@ class LazyConfigTrainer(DefaultTrainer):
     ``LRMultiplier(cfg.lr_multiplier)``, an :class:`AtomicCheckpointer` and the hooks
     IterationTimer, LRScheduler, PeriodicCheckpointer, EvalHook and PeriodicWriter.
 
-    Exact resume: a checkpoint holds the model, the iteration, the optimizer, the scheduler
-    and the grad scaler. With ``cfg.train.seed >= 0`` every iteration also reseeds the
-    random generators of python, numpy and torch from (seed, rank, iteration), and a resumed
-    run replays (loads and drops) the training batches of the iterations already done
-    before it continues. So an interrupted and resumed run computes the same weights as an
-    uninterrupted one, at the cost of reading the data of the done iterations once more.
+    With ``cfg.train.model_ema.enabled`` it also keeps an exponential moving average of the
+    weights (:class:`ModelEMA`, as ``self.model_ema``), updated after every iteration, saved
+    in the checkpoints as ``"model_ema"`` next to the raw weights (``"model"``), and
+    evaluated in place of the raw weights.
+
+    Exact resume: a checkpoint holds the model, the iteration, the optimizer, the scheduler,
+    the grad scaler and the EMA of the weights. With ``cfg.train.seed >= 0`` every iteration
+    also reseeds the random generators of python, numpy and torch from (seed, rank,
+    iteration), and a resumed run replays (loads and drops) the training batches of the
+    iterations already done before it continues. So an interrupted and resumed run computes
+    the same weights (and EMA) as an uninterrupted one, at the cost of reading the data of the
+    done iterations once more.
     With ``cfg.train.seed < 0`` the resumed run continues with new random data.
 
     Example::
@@ -235,11 +243,17 @@ class LazyConfigTrainer(DefaultTrainer):
             cfg, dataset=self.train_dataset, mapper=self.train_mapper
         )
         self.check_evaluation_setup(cfg)
+        self.model_ema = self.build_model_ema(cfg, model)
         model = self.build_ddp_model(cfg, model)
         self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        ema_checkpointable = {} if self.model_ema is None else {EMA_WEIGHTS_KEY: self.model_ema}
         self.checkpointer = AtomicCheckpointer(
-            model, cfg.train.output_dir, trainer=weakref.proxy(self), **min_loaded_shares(cfg)
+            model,
+            cfg.train.output_dir,
+            trainer=weakref.proxy(self),
+            **ema_checkpointable,
+            **min_loaded_shares(cfg),
         )
         if comm.is_main_process():
             self.checkpointer.remove_stale_temporary_files()
@@ -255,6 +269,17 @@ class LazyConfigTrainer(DefaultTrainer):
         model = instantiate(cfg.model).to(train_device(cfg))
         logger.info(f"Model:\n{model}")
         return model
+
+    @classmethod
+    def build_model_ema(cls, cfg: DictConfig, model: torch.nn.Module) -> Optional[ModelEMA]:
+        """
+        With ``cfg.train.model_ema.enabled``: an (empty) :class:`ModelEMA` of ``model`` with
+        the ``decay`` and ``warmup_iters`` of ``cfg.train.model_ema``; else None.
+        """
+        if not model_ema_enabled(cfg):
+            return None
+        settings = cfg.train.model_ema
+        return ModelEMA(model, decay=settings.decay, warmup_iters=settings.warmup_iters)
 
     @classmethod
     def build_optimizer(cls, cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -353,8 +378,9 @@ class LazyConfigTrainer(DefaultTrainer):
 
     def build_hooks(self) -> List[Optional[HookBase]]:
         """
-        IterationTimer, LRScheduler, PeriodicCheckpointer (main process,
-        ``cfg.train.checkpointer``), EvalHook (``cfg.train.eval_period``), MetricHistory,
+        IterationTimer, LRScheduler, ModelEMAHook (with ``cfg.train.model_ema.enabled``),
+        PeriodicCheckpointer (main process, ``cfg.train.checkpointer``), EvalHook
+        (``cfg.train.eval_period``; of the EMA of the weights when there is one), MetricHistory,
         SkippedImageLimit (``cfg.train.max_skipped_image_fraction``, when the training mapper
         counts skipped images), PeriodicWriter (main process, ``cfg.train.log_period``) and
         StopWithCheckpoint. ``None`` entries are dropped by ``register_hooks``.
@@ -364,12 +390,19 @@ class LazyConfigTrainer(DefaultTrainer):
         counts_skipped_images = hasattr(self.train_mapper, "skipped_images")
 
         def test_and_save_results() -> Dict[str, Any]:
-            self._last_eval_results = self.test(cfg, self.model)
+            if self.model_ema is None:
+                weights = contextlib.nullcontext()
+            else:
+                logger.info("Evaluating the EMA of the weights (cfg.train.model_ema)")
+                weights = self.model_ema.applied()
+            with weights:
+                self._last_eval_results = self.test(cfg, self.model)
             return self._last_eval_results
 
         return [
             hooks.IterationTimer(),
             hooks.LRScheduler(),
+            None if self.model_ema is None else ModelEMAHook(self.model_ema),
             (
                 hooks.PeriodicCheckpointer(self.checkpointer, **cfg.train.checkpointer)
                 if is_main
@@ -405,12 +438,19 @@ class LazyConfigTrainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         """
         With ``resume`` and a ``last_checkpoint`` in ``cfg.train.output_dir``: load the model
-        and the whole training state from it and continue after its iteration. Otherwise load
-        only the model weights of ``cfg.train.init_checkpoint`` (if set) and start at 0.
+        and the whole training state (with the EMA of the weights) from it and continue after
+        its iteration. Otherwise load only the model weights (``"model"``) of
+        ``cfg.train.init_checkpoint`` (if set) and start at 0; an EMA of the weights then
+        starts at them.
         """
-        self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
+        unused = self.checkpointer.resume_or_load(self.cfg.train.init_checkpoint, resume=resume)
         if not (resume and self.checkpointer.has_checkpoint()):
             return
+        if EMA_WEIGHTS_KEY in unused:
+            logger.warning(
+                f"{self.checkpointer.get_checkpoint_file()} holds an EMA of the weights, which "
+                "this run neither continues nor saves (cfg.train.model_ema.enabled is False)"
+            )
         # The checkpoint holds the iteration that had just finished.
         self.start_iter = self.iter + 1
         if self.start_iter >= self.max_iter:

@@ -33,14 +33,20 @@ authors' code the class normaliser is ``num_pos + bg_cls_weight * num_neg`` with
 the box normaliser. Every query has classification
 weight 1 in every group (the authors' ``use_zero_padding`` option is off), so there are no
 per-query weights.
+
+With ``fed_loss_class_weights`` (LVIS; off by default, and in the authors' code) the class
+loss is the federated loss (:mod:`codetr.modeling.fed_loss`): each call draws, per image, the
+classes whose terms count; the normaliser is unchanged.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from .fed_loss import fed_loss_classes
 
 __all__ = ["quality_focal_loss", "DetectionLoss"]
 
@@ -76,6 +82,13 @@ def quality_focal_loss(
             "expected logits (N, K), labels (N,) and quality (N,), got "
             f"{tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(quality.shape)}"
         )
+    return _quality_focal_terms(logits, labels, quality, beta).sum(dim=1)
+
+
+def _quality_focal_terms(
+    logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """(N, K) quality focal loss of each query and class (see :func:`quality_focal_loss`)."""
     prob = logits.sigmoid()
     loss = F.binary_cross_entropy_with_logits(
         logits, torch.zeros_like(logits), reduction="none"
@@ -88,8 +101,7 @@ def quality_focal_loss(
     positive_loss = F.binary_cross_entropy_with_logits(
         positive_logits, positive_quality, reduction="none"
     ) * (positive_quality - prob[positive, positive_labels]).abs().pow(beta)
-    loss = loss.index_put((positive, positive_labels), positive_loss)
-    return loss.sum(dim=1)
+    return loss.index_put((positive, positive_labels), positive_loss)
 
 
 def _aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float) -> torch.Tensor:
@@ -114,6 +126,9 @@ class DetectionLoss(nn.Module):
       targets; summed over queries and classes, divided by the class normaliser.
     * L1 loss on normalised (cx, cy, w, h) and GIoU loss (1 - GIoU) on (x1, y1, x2, y2), both
       over positive queries only, summed and divided by ``num_positives``.
+    * optionally (``fed_loss_class_weights``) the federated class loss: the class loss terms of
+      image b, query q and class c are summed only where c is in S_b, the classes drawn by
+      :func:`~codetr.modeling.fed_loss.fed_loss_classes` for image b in this call.
 
     Each loss is multiplied by its weight. See the module docstring for the normalisers (the
     authors add float32 eps to each normaliser, a relative change below 1.2e-7 left out here).
@@ -130,6 +145,8 @@ class DetectionLoss(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         qfl_beta: float = 2.0,
+        fed_loss_class_weights: Optional[torch.Tensor] = None,
+        fed_loss_num_classes: int = 50,
     ):
         """
         Args:
@@ -141,12 +158,27 @@ class DetectionLoss(nn.Module):
             giou_weight: weight of the GIoU box loss.
             focal_alpha, focal_gamma: parameters of the "focal" class loss.
             qfl_beta: beta of the "quality_focal" class loss.
+            fed_loss_class_weights: (K,) positive weights of the federated loss's class
+                sampling (LVIS: ``get_fed_loss_cls_weights(names, freq_weight_power=0.5)``),
+                or None (the default) for the class loss over every class.
+            fed_loss_num_classes: the number of classes of the federated loss per image.
         """
         super().__init__()
         if class_loss not in ("quality_focal", "focal"):
             raise ValueError(f"class_loss must be 'quality_focal' or 'focal', got {class_loss!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if fed_loss_class_weights is not None:
+            if fed_loss_class_weights.shape != (num_classes,):
+                raise ValueError(
+                    f"fed_loss_class_weights must have shape ({num_classes},), "
+                    f"got {tuple(fed_loss_class_weights.shape)}"
+                )
+            if not bool(((fed_loss_class_weights > 0) & fed_loss_class_weights.isfinite()).all()):
+                raise ValueError("fed_loss_class_weights must be positive and finite")
+            fed_loss_class_weights = fed_loss_class_weights.detach().float().clone()
+        if fed_loss_num_classes < 1:
+            raise ValueError(f"fed_loss_num_classes must be positive, got {fed_loss_num_classes}")
         self.num_classes = num_classes
         self.class_loss = class_loss
         self.class_weight = class_weight
@@ -155,6 +187,9 @@ class DetectionLoss(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.qfl_beta = qfl_beta
+        # not in the state dict: checkpoints are the same with and without the federated loss
+        self.register_buffer("fed_loss_class_weights", fed_loss_class_weights, persistent=False)
+        self.fed_loss_num_classes = fed_loss_num_classes
 
     def forward(
         self,
@@ -218,16 +253,27 @@ class DetectionLoss(nn.Module):
             quality[positive] = _aligned_iou(
                 positive_boxes.detach(), positive_target_boxes, _QUALITY_IOU_EPS
             )
-            class_loss = quality_focal_loss(logits, labels, quality, beta=self.qfl_beta).sum()
+            class_terms = _quality_focal_terms(logits, labels, quality, self.qfl_beta)
         else:
             one_hot = F.one_hot(labels, self.num_classes + 1)[:, : self.num_classes]
-            class_loss = sigmoid_focal_loss(
+            class_terms = sigmoid_focal_loss(
                 logits,
                 one_hot.to(logits.dtype),
                 alpha=self.focal_alpha,
                 gamma=self.focal_gamma,
-                reduction="sum",
+                reduction="none",
             )
+        if self.fed_loss_class_weights is not None:
+            counted = fed_loss_classes(
+                target_labels, self.fed_loss_class_weights, self.fed_loss_num_classes
+            )
+            counted = counted[:, None].expand(*batch_queries, -1).flatten(0, 1)
+            class_terms = class_terms.masked_fill(~counted, 0.0)
+        # reduced as quality_focal_loss (per query first) / sigmoid_focal_loss(reduction="sum")
+        if self.class_loss == "quality_focal":
+            class_loss = class_terms.sum(dim=1).sum()
+        else:
+            class_loss = class_terms.sum()
 
         l1_loss = (boxes[positive] - target_boxes[positive]).abs().sum()
         pixels = box_normalizers.float()[:, None].expand(*batch_queries, 4).flatten(0, 1)
