@@ -69,6 +69,7 @@ def test_every_experiment_directory_is_collected():
     assert {name.split("/")[0] for name in CONFIG_FILES} == {
         "co_deformable_detr",
         "co_dino",
+        "co_dino_vit",
         "deformable_detr",
         "dino",
         "parity",
@@ -190,3 +191,57 @@ def test_swin_config_follows_the_authors(name):
         assert (test_augmentation.min_size, test_augmentation.max_size) == (800, 1333)
     output_dir = "./output/" + Path(name).stem
     assert cfg.train.output_dir == cfg.dataloader.evaluator.output_dir == output_dir
+
+
+def test_vit_large_coco_config_follows_the_authors():
+    cfg = _load("co_dino_vit/co_dino_5scale_vit_large_coco.py")
+    backbone, head = cfg.model.backbone, cfg.model.query_head
+    assert (backbone.size, backbone.window_size, backbone.drop_path_rate) == ("L", 24, 0.4)
+    assert list(backbone.global_block_indexes) == [3, 7, 11, 15, 19, 23]
+    assert backbone.use_act_checkpoint and cfg.model.size_divisibility == 32
+    assert (head.num_queries, head.num_candidates, head.max_detections) == (1500, 1500, 1000)
+    assert (head.denoising.num_dn_queries, head.denoising.box_noise_scale) == (300, 0.4)
+    rcnn = cfg.model.aux_heads[0]
+    assert (rcnn.num_box_head_convs, rcnn.num_box_head_fcs, rcnn.box_head_norm) == (4, 1, "GN")
+    assert rcnn.cls_agnostic_bbox_reg and list(rcnn.box_reg_weights) == [20.0, 20.0, 10.0, 10.0]
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (5e-5, 0.01)
+    factor = cfg.optimizer.params.lr_factor_func
+    assert factor("backbone.pos_embed") == pytest.approx(0.8**25)
+    assert factor("backbone.blocks.23.mlp.up_proj.weight") == pytest.approx(0.8)
+    assert factor("neck.branches.p2.1.weight") == factor("query_head.query_embed.weight") == 1.0
+    assert dict(cfg.train.model_ema) == dict(enabled=True, decay=0.9999, warmup_iters=2000)
+    assert cfg.train.max_iter == 12 * COCO_ITERS_PER_EPOCH
+    step = cfg.lr_multiplier.scheduler
+    assert list(step.milestones) == [7 * COCO_ITERS_PER_EPOCH]
+    assert cfg.lr_multiplier.warmup_factor == 0.01
+    assert cfg.lr_multiplier.warmup_length * cfg.train.max_iter == pytest.approx(500)
+    augmentation = cfg.dataloader.train.mapper.augmentation
+    assert list(augmentation.min_sizes) == list(range(480, 1537, 32))
+    assert augmentation.max_size == cfg.dataloader.train.mapper.augmentation_with_crop.max_size
+    assert augmentation.max_size == 2400
+    test = cfg.dataloader.test.mapper.augmentation
+    assert (test.min_size, test.max_size) == (1280, 2048)
+
+
+def test_vit_large_lvis_config_follows_the_authors():
+    cfg = _load("co_dino_vit/co_dino_5scale_lsj_vit_large_lvis.py")
+    backbone, head = cfg.model.backbone, cfg.model.query_head
+    assert (backbone.window_size, backbone.drop_path_rate) == (16, 0.3)
+    assert list(backbone.global_block_indexes) == [2, 5, 8, 11, 14, 17, 20, 23]
+    assert (head.num_classes, head.num_queries, head.max_detections) == (1203, 900, 1000)
+    rcnn = cfg.model.aux_heads[0]
+    assert (rcnn.num_box_head_convs, rcnn.num_box_head_fcs, rcnn.cls_agnostic_bbox_reg) == (
+        0,
+        2,
+        False,
+    )
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (5e-5, 0.05)
+    assert cfg.optimizer.params.lr_factor_func("backbone.blocks.0.attn.q_proj.weight") == 0.1
+    assert not cfg.train.model_ema.enabled
+    lvis_epoch = 6261
+    assert cfg.train.max_iter == 16 * lvis_epoch
+    assert list(cfg.lr_multiplier.scheduler.milestones) == [9 * lvis_epoch, 15 * lvis_epoch]
+    assert list(cfg.lr_multiplier.scheduler["values"]) == pytest.approx([1.0, 0.1, 0.01])
+    augmentation = cfg.dataloader.train.mapper.augmentation
+    assert augmentation.image_size == cfg.dataloader.test.mapper.augmentation.image_size == 1536
+    assert cfg.dataloader.train.sampler.repeat_factors.repeat_thresh == 0.001

@@ -10,6 +10,7 @@ whole schedule).
 """
 
 import math
+from typing import Sequence, Union
 
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
@@ -27,33 +28,37 @@ LVIS_ITERS_PER_EPOCH = math.ceil(LVIS_V1_TRAIN_IMAGES / TOTAL_BATCH_SIZE)
 
 def default_coco_scheduler(
     epochs: int = 12,
-    decay_epochs: int = 11,
+    decay_epochs: Union[int, Sequence[int]] = 11,
     warmup_iters: int = 0,
     iters_per_epoch: int = COCO_ITERS_PER_EPOCH,
+    warmup_factor: float = 0.001,
 ):
     """
     Args:
         epochs: length of training.
-        decay_epochs: the multiplier is 0.1 from the start of this (0-based) epoch on.
-        warmup_iters: iterations of linear warmup from 0.001 (0: none, as the authors).
+        decay_epochs: the multiplier is 0.1 from the start of this (0-based) epoch on; a list
+            of epochs multiplies it by 0.1 at each (the ViT-L LVIS recipe: [9, 15]).
+        warmup_iters: iterations of linear warmup from ``warmup_factor`` (0: none, as the
+            authors' R50 and Swin recipes).
         iters_per_epoch: iterations in one epoch.
 
     Returns:
         a lazy fvcore ParamScheduler of the learning-rate multiplier.
     """
-    if not 0 < decay_epochs < epochs:
-        raise ValueError(f"decay_epochs={decay_epochs} must lie inside (0, epochs={epochs})")
+    decay_epochs = [decay_epochs] if isinstance(decay_epochs, int) else list(decay_epochs)
+    if not all(0 < e < epochs for e in decay_epochs) or decay_epochs != sorted(decay_epochs):
+        raise ValueError(f"decay_epochs={decay_epochs} must increase inside (0, epochs={epochs})")
     total_iters = epochs * iters_per_epoch
     step = L(MultiStepParamScheduler)(
-        values=[1.0, 0.1],
-        milestones=[decay_epochs * iters_per_epoch],
+        values=[0.1**i for i in range(len(decay_epochs) + 1)],
+        milestones=[e * iters_per_epoch for e in decay_epochs],
         num_updates=total_iters,
     )
     if warmup_iters == 0:
         return step
     return L(WarmupParamScheduler)(
         scheduler=step,
-        warmup_factor=0.001,
+        warmup_factor=warmup_factor,
         warmup_length=warmup_iters / total_iters,
         warmup_method="linear",
     )

@@ -388,6 +388,11 @@ def build_rcnn_aux_head(
     rpn_test_post_nms_topk: int = 1000,
     rpn_nms_thresh: float = 0.7,
     fc_dim: int = 1024,
+    num_box_head_convs: int = 0,
+    num_box_head_fcs: int = 2,
+    box_head_norm: str = "",
+    cls_agnostic_bbox_reg: bool = False,
+    box_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
     cls_loss_weight: float = 1.0,
     giou_loss_weight: float = 10.0,
     test_score_thresh: float = 0.0,
@@ -423,7 +428,13 @@ def build_rcnn_aux_head(
         rpn_train_pre_nms_topk, rpn_test_pre_nms_topk: proposals kept per level before NMS.
         rpn_train_post_nms_topk, rpn_test_post_nms_topk: proposals kept per image after NMS.
         rpn_nms_thresh: IoU threshold of the proposal NMS.
-        fc_dim: width of the two shared FC layers.
+        fc_dim: width of the shared FC layers.
+        num_box_head_convs, num_box_head_fcs, box_head_norm: the RoI box head: 3x3 convs of
+            the input width (with detectron2 norm ``box_head_norm``), then FC layers; the
+            authors' ViT-L COCO model has 4 convs with GroupNorm and 1 FC, the others 0 and 2.
+        cls_agnostic_bbox_reg: one box regression for all classes (the ViT-L COCO model).
+        box_reg_weights: the RoI box delta weights, the inverse of the authors' target stds
+            ((10, 10, 5, 5); (20, 20, 10, 10) for the ViT-L COCO model).
         cls_loss_weight, giou_loss_weight: weights of the RoI classification and GIoU losses.
         test_score_thresh, test_nms_thresh, test_topk_per_image: detection post-processing
             (per-class NMS).
@@ -503,17 +514,18 @@ def build_rcnn_aux_head(
     )
     box_head = FastRCNNConvFCHead(
         ShapeSpec(channels=in_channels, height=pooler_resolution, width=pooler_resolution),
-        conv_dims=[],
-        fc_dims=[fc_dim, fc_dim],
+        conv_dims=[in_channels] * num_box_head_convs,
+        fc_dims=[fc_dim] * num_box_head_fcs,
+        conv_norm=box_head_norm,
     )
     box_predictor = FastRCNNOutputLayers(
         box_head.output_shape,
-        box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
+        box2box_transform=Box2BoxTransform(weights=tuple(box_reg_weights)),
         num_classes=num_classes,
         test_score_thresh=test_score_thresh,
         test_nms_thresh=test_nms_thresh,
         test_topk_per_image=test_topk_per_image,
-        cls_agnostic_bbox_reg=False,
+        cls_agnostic_bbox_reg=cls_agnostic_bbox_reg,
         box_reg_loss_type="giou",
         loss_weight={"loss_cls": cls_loss_weight, "loss_box_reg": giou_loss_weight},
     )
