@@ -39,6 +39,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch  # 
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from codetr.data import register_objects365  # noqa: E402
 from codetr.engine import (  # noqa: E402
     AtomicCheckpointer,
     LazyConfigTrainer,
@@ -52,10 +53,11 @@ from codetr.engine import (  # noqa: E402
 
 
 def register_datasets(specs: Optional[List[List[str]]]) -> None:
-    """Registers, in this process, the built-in toy datasets (a saved ``config.yaml`` of a toy
-    run names them without importing the toy config) and the ``--register-coco NAME JSON
-    IMAGE_ROOT`` datasets."""
+    """Registers, in this process, the built-in toy datasets and Objects365 (a saved
+    ``config.yaml`` names them without importing the data config that registers them) and the
+    ``--register-coco NAME JSON IMAGE_ROOT`` datasets."""
     register_toy_datasets()
+    register_objects365()
     for name, json_file, image_root in specs or []:
         for path in (json_file, image_root):
             if not os.path.exists(path):

@@ -146,7 +146,9 @@ SWIN_RECIPES = {
 
 
 def test_every_swin_config_has_a_recipe():
-    assert sorted(name for name in CONFIG_FILES if "swin" in name) == sorted(SWIN_RECIPES)
+    # the Objects365 configs: test_objects365_configs_follow_the_authors
+    swin = sorted(name for name in CONFIG_FILES if "swin" in name and "o365" not in name)
+    assert swin == sorted(SWIN_RECIPES)
 
 
 @pytest.mark.parametrize("name", sorted(SWIN_RECIPES))
@@ -245,3 +247,39 @@ def test_vit_large_lvis_config_follows_the_authors():
     augmentation = cfg.dataloader.train.mapper.augmentation
     assert augmentation.image_size == cfg.dataloader.test.mapper.augmentation.image_size == 1536
     assert cfg.dataloader.train.sampler.repeat_factors.repeat_thresh == 0.001
+
+
+@pytest.mark.parametrize(
+    "name, max_detections, iters_per_epoch",
+    [
+        ("co_dino/co_dino_5scale_swin_large_16e_o365tococo.py", 300, COCO_ITERS_PER_EPOCH),
+        ("co_dino/co_dino_5scale_lsj_swin_large_16e_o365tolvis.py", 1000, LVIS_ITERS_PER_EPOCH),
+    ],
+)
+def test_objects365_fine_tuning_configs_follow_the_authors(name, max_detections, iters_per_epoch):
+    cfg = _load(name)
+    backbone, head = cfg.model.backbone, cfg.model.query_head
+    assert (backbone.size, backbone.window_size, backbone.drop_path_rate) == ("L", 12, 0.3)
+    assert (head.denoising.num_dn_queries, head.denoising.box_noise_scale) == (500, 0.4)
+    assert head.encoder.num_checkpointed_layers == 6 and head.max_detections == max_detections
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1e-4, 1e-4)
+    assert cfg.optimizer.params.lr_factor_func("backbone.layers.0.blocks.0.mlp.fc1.weight") == 0.1
+    assert cfg.train.max_iter == 16 * iters_per_epoch
+    assert list(cfg.lr_multiplier.milestones) == [8 * iters_per_epoch]
+    test = cfg.dataloader.test.mapper.augmentation
+    if "lvis" in name:
+        assert test.image_size == cfg.dataloader.train.mapper.augmentation.image_size == 1536
+        assert cfg.dataloader.train.dataset.names == "lvis_v1_train"
+    else:
+        assert backbone.use_checkpoint and cfg.model.size_divisibility == 32
+        assert list(cfg.dataloader.train.mapper.augmentation.min_sizes) == list(
+            range(480, 1537, 32)
+        )
+        assert (test.min_size, test.max_size) == (1280, 2048)
+
+
+def test_objects365_pre_training_config():
+    cfg = _load("co_dino/co_dino_5scale_swin_large_o365.py")
+    assert cfg.model.query_head.num_classes == 365
+    assert cfg.dataloader.train.dataset.names == "objects365_v2_train"
+    assert cfg.dataloader.test.dataset.names == "objects365_v2_val"

@@ -15,12 +15,15 @@ from .dataset_mapper import (
     build_lsj_train_augmentation,
 )
 from .metadata import thing_class_count
+from .objects365 import OBJECTS365_SPLITS, register_objects365
 
 __all__ = [
     "MISSING_IMAGES_MODES",
     "load_checked_dataset_dicts",
     "require_registered",
     "thing_class_count",
+    "OBJECTS365_SPLITS",
+    "register_objects365",
     "DETR_TRAIN_MIN_SIZES",
     "LSJ_PAD_VALUE",
     "DetrDatasetMapper",
