@@ -10,7 +10,11 @@ The expected parameter names and shapes come from the model of ``--config-file``
 ``configs/co_dino/co_dino_5scale_r50_1x_coco.py`` if it exists, else
 ``configs/models/dino_r50.py``), after the ``key=value`` overrides; its query head decides
 whether the checkpoint is read as a Co-DINO or a Co-Deformable-DETR one (for the latter pass
-e.g. ``--config-file configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py``). Every
+e.g. ``--config-file configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py``; for the
+ViT-L Co-DINO checkpoints ``configs/co_dino_vit/co_dino_5scale_vit_large_coco.py``, its LVIS
+sibling ``co_dino_5scale_lsj_vit_large_lvis.py``, and for Objects365 the COCO one with
+``model.query_head.num_classes=365``). Their EMA copies ``ema_*``, the ViT's RoPE tables and
+the federated loss's ``fed_loss_weight`` are dropped (the report says so). Every
 authors' key that fills no parameter, every parameter left unfilled and every shape mismatch is
 listed; then the command exits with status 1 and writes nothing (so does a checkpoint of the
 other architecture, with a hint). Without ``--keep-aux`` the auxiliary heads, their extra

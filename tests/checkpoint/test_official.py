@@ -9,7 +9,9 @@ import unittest
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
+from detectron2.layers import ShapeSpec
 
 from codetr.checkpoint import (
     convert_official_state_dict,
@@ -17,6 +19,8 @@ from codetr.checkpoint import (
     load_official_checkpoint,
     official_key_to_ours,
 )
+from codetr.modeling import SimpleFeaturePyramid
+from codetr.modeling.eva_vit import EVA02ViT
 
 from ..parity import REPO_ROOT, TINY_CO_DINO_CHECKPOINT, TINY_CO_DINO_CONFIG, tiny_co_dino_config
 
@@ -184,6 +188,147 @@ class TestConvertTinyCheckpoint(unittest.TestCase):
         self.assertEqual(converted, {})
         self.assertEqual(sorted(report.unused), sorted(foreign))
         self.assertEqual(len(report.missing), len(model.state_dict()))
+
+
+class TestConvertViTCheckpoint(unittest.TestCase):
+    """A tiny EVA-02 ViT Co-DINO (SFP neck, ConvFC RoI head) in the authors' layout, made from
+    our model by the inverse of the key tables."""
+
+    @classmethod
+    def setUpClass(cls):
+        config = tiny_co_dino_config(with_aux_heads=True)
+        config.backbone = L(EVA02ViT)(
+            embed_dim=32, depth=2, num_heads=2, window_size=2, global_block_indexes=[1],
+            pretrain_img_size=64,
+        )
+        config.neck = L(SimpleFeaturePyramid)(
+            input_shape={"last_feat": ShapeSpec(channels=32, stride=16)},
+            in_feature="last_feat",
+            out_channels=64,
+        )
+        config.aux_heads[0].update(
+            num_box_head_convs=4, num_box_head_fcs=1, box_head_norm="GN",
+            cls_agnostic_bbox_reg=True,
+        )
+        torch.manual_seed(0)
+        cls.model = instantiate(config)
+        cls.ours = cls.model.state_dict()
+        # the query head and the other auxiliary parts: the stored tiny checkpoint
+        tiny = load_official_checkpoint(TINY_CO_DINO_CHECKPOINT)
+        cls.source = {
+            k: v for k, v in tiny.items()
+            if not k.startswith(("backbone.", "neck.", "roi_head.0.bbox_head.shared_fcs.",
+                                 "roi_head.0.bbox_head.fc_reg."))
+        }
+        cls.generated = {}
+        for key, value in cls.ours.items():
+            name = _authors_vit_name(key)
+            if name is not None:
+                cls.generated[name] = key
+                cls.source[name] = value
+        cls.source.update({
+            "backbone.rope_win.freqs_cos": torch.randn(4, 8),
+            "backbone.rope_glb.freqs_sin": torch.randn(4, 8),
+            "backbone.blocks.1.attn.rope.freqs_cos": torch.randn(4, 8),
+            "ema_backbone_pos_embed": torch.randn(1, 17, 32),
+            "ema_query_head_label_embedding_weight": torch.randn(81, 64),
+            "query_head.loss_cls.fed_loss_weight": torch.rand(80),
+        })
+
+    def test_key_names(self):
+        kinds = ["two-stage", "one-stage"]
+        expected = {
+            "backbone.blocks.5.attn.q_bias": "backbone.blocks.5.attn.q_proj.bias",
+            "backbone.blocks.5.mlp.w3.weight": "backbone.blocks.5.mlp.down_proj.weight",
+            "neck.p2.8.weight": "neck.branches.p2.4.weight",
+            "neck.p2.9.bias": "neck.branches.p2.4.norm.bias",
+            "neck.p3.7.weight": "neck.branches.p3.3.weight",
+            "neck.p5.2.weight": "neck.branches.p5.1.norm.weight",
+            "neck.p6.4.weight": "neck.branches.p6.2.weight",
+            "roi_head.0.bbox_head.shared_convs.2.conv.weight":
+                "aux_heads.0.roi_heads.box_head.conv3.weight",
+            "roi_head.0.bbox_head.shared_convs.0.gn.bias":
+                "aux_heads.0.roi_heads.box_head.conv1.norm.bias",
+        }
+        for source, target in expected.items():
+            self.assertEqual(official_key_to_ours(source, kinds), target, source)
+        for activation in ("neck.p2.3.weight", "neck.p4.2.weight"):  # GELU, Upsample: no params
+            self.assertIsNone(official_key_to_ours(activation, kinds))
+
+    def test_round_trip_is_bitwise(self):
+        converted, report = convert_official_state_dict(self.source, self.model, keep_aux=True)
+        self.assertTrue(report.ok, report.summary())
+        self.assertEqual(set(converted), set(self.ours))
+        for name, key in self.generated.items():
+            self.assertTrue(torch.equal(converted[key], self.ours[key]), name)
+        self.assertEqual(
+            sorted(report.dropped),
+            sorted([
+                "backbone.blocks.1.attn.rope.freqs_cos",
+                "backbone.rope_glb.freqs_sin",
+                "backbone.rope_win.freqs_cos",
+                "ema_backbone_pos_embed",
+                "ema_query_head_label_embedding_weight",
+                "query_head.loss_cls.fed_loss_weight",
+            ]),
+        )
+        self.assertEqual(len(report.notes), 1)
+        self.assertIn("query_head.loss_cls.fed_loss_weight", report.notes[0])
+        self.assertIn("note: dropped query_head.loss_cls.fed_loss_weight", report.summary())
+        self.model.load_state_dict(converted, strict=True)
+
+    def test_unknown_and_missing_keys_reported(self):
+        source = dict(self.source)
+        source["backbone.blocks.0.attn.inner_attn_ln.weight"] = torch.zeros(32)
+        source["neck.p2.3.weight"] = torch.zeros(1)
+        del source["neck.p6.8.bias"]
+        del source["roi_head.0.bbox_head.shared_convs.3.gn.weight"]
+        _, report = convert_official_state_dict(source, self.model, keep_aux=True)
+        self.assertEqual(
+            sorted(report.unused),
+            ["backbone.blocks.0.attn.inner_attn_ln.weight", "neck.p2.3.weight"],
+        )
+        self.assertEqual(
+            sorted(report.missing),
+            ["aux_heads.0.roi_heads.box_head.conv4.norm.weight", "neck.branches.p6.3.norm.bias"],
+        )
+
+
+def _authors_vit_name(key):
+    """The authors' name of one of our ViT backbone, SFP or ConvFC box-head parameters (None
+    for the other parameters), written out independently of the converter."""
+    if key.startswith("backbone."):
+        for ours, theirs in [
+            (".attn.q_proj.bias", ".attn.q_bias"), (".attn.v_proj.bias", ".attn.v_bias"),
+            (".mlp.gate_proj.", ".mlp.w1."), (".mlp.up_proj.", ".mlp.w2."),
+            (".mlp.norm.", ".mlp.ffn_ln."), (".mlp.down_proj.", ".mlp.w3."),
+        ]:
+            key = key.replace(ours, theirs)
+        return key
+    if key.startswith("neck.branches."):
+        # our conv n of a branch -> the authors' Sequential index of that conv
+        sequential_index = {
+            "p2": {1: 1, 3: 5, 4: 8, 5: 11}, "p3": {1: 1, 2: 4, 3: 7}, "p4": {0: 0, 1: 3},
+            "p5": {1: 1, 2: 4}, "p6": {1: 1, 2: 4, 3: 7},
+        }
+        _, _, level, conv, *rest = key.split(".")
+        index = sequential_index[level][int(conv)]
+        if rest[0] == "norm":
+            return f"neck.{level}.{index + 1}.{rest[1]}"
+        return f"neck.{level}.{index}.{rest[0]}"
+    prefix = "aux_heads.0.roi_heads."
+    renames = {
+        "box_head.fc1.": "roi_head.0.bbox_head.shared_fcs.0.",
+        "box_predictor.bbox_pred.": "roi_head.0.bbox_head.fc_reg.",
+    }
+    for i in range(4):
+        conv = f"roi_head.0.bbox_head.shared_convs.{i}."
+        renames[f"box_head.conv{i + 1}.norm."] = conv + "gn."
+        renames[f"box_head.conv{i + 1}.weight"] = conv + "conv.weight"
+    for ours, theirs in renames.items():
+        if key.startswith(prefix + ours):
+            return theirs + key[len(prefix + ours):]
+    return None
 
 
 class TestCheckpointFiles(unittest.TestCase):

@@ -1,6 +1,14 @@
-"""Conversion of external checkpoints (the authors' Co-DETR models, torchvision ResNets) to our
-parameter names, and reading of pickled weight files without running code."""
+"""Conversion of external checkpoints (the authors' Co-DETR models, torchvision ResNets, Swin,
+EVA-02) to our parameter names, and reading of pickled weight files without running code."""
 
+from .eva02 import (
+    convert_published_eva02,
+    eva02_key,
+    is_eva02_fixed_buffer,
+    published_eva02_state_dict,
+    resize_patch_embed,
+    resize_pos_embed,
+)
 from .inference import TRAINING_ONLY_PREFIXES, inference_state_dict, is_training_only
 from .official import (
     ConversionReport,

@@ -7,9 +7,16 @@ as a Co-DINO (``DINOHead``) or a Co-Deformable-DETR (``DeformableDETRHead``) che
 Authors' name -> ours (``T.`` = ``query_head.transformer.``, ``Q.`` = ``query_head.``), both:
 
 - ``backbone.*`` in torchvision ResNet names -> detectron2 ResNet names (``resnet.py``); in
-  Swin-V1 names -> detectron2 SwinTransformer names (``swin.py``), told apart by the names
+  Swin-V1 names -> detectron2 SwinTransformer names (``swin.py``); in the authors' EVA-02 ViT
+  names -> :class:`~codetr.modeling.eva_vit.EVA02ViT` names (``eva02.py``), told apart by the
+  names; the ViT's RoPE tables (``backbone.rope_win.*``, ``backbone.blocks.i.attn.rope.*``, ...)
+  are dropped
 - ``neck.{convs,extra_convs}.i.conv.weight`` / ``.gn.*`` -> ``neck.{...}.i.weight`` /
-  ``.norm.*``
+  ``.norm.*`` (ChannelMapper)
+- ``neck.pL.j.weight`` -> ``neck.branches.pL.n.weight`` (the n-th conv of the authors' SFP
+  branch ``pL``) and ``neck.pL.(j + 1).*`` -> ``neck.branches.pL.n.norm.*`` (its LayerNorm),
+  with (j -> n) = p2 {1: 1, 5: 3, 8: 4, 11: 5}, p3 {1: 1, 4: 2, 7: 3}, p4 {0: 0, 3: 1},
+  p5 {1: 1, 4: 2}, p6 {1: 1, 4: 2, 7: 3} (see :mod:`codetr.modeling.sfp`)
 - ``T.level_embeds`` -> ``Q.level_embeds``
 - ``T.encoder.layers.i.attentions.0.*`` -> ``Q.encoder.layers.i.self_attn.*``
 - ``T.decoder.layers.i.attentions.0.attn.*`` -> ``Q.decoder.layers.i.self_attn.*``
@@ -46,6 +53,8 @@ Auxiliary parts (converted only with ``keep_aux``):
 - ``roi_head.j.bbox_head.{shared_fcs.0,shared_fcs.1,fc_cls,fc_reg}.*`` ->
   ``aux_heads.r.roi_heads.{box_head.fc1,box_head.fc2,box_predictor.cls_score,
   box_predictor.bbox_pred}.*``
+- ``roi_head.j.bbox_head.shared_convs.i.conv.weight`` / ``.gn.*`` (ConvFCBBoxHead, ViT-L) ->
+  ``aux_heads.r.roi_heads.box_head.conv{i + 1}.weight`` / ``.norm.*``
 - ``bbox_head.j.{cls_convs,reg_convs}.i.conv.weight`` / ``.gn.*`` ->
   ``aux_heads.a.{cls_tower,bbox_tower}.i.weight`` / ``.norm.*``
 - ``bbox_head.j.{atss_cls,atss_reg,atss_centerness,scales.l}.*`` ->
@@ -58,10 +67,14 @@ mmdet orders the anchors of a location ratio-major: where ours are in another or
 ``DefaultAnchorGenerator`` is size-major), the output channels of ``rpn_cls`` and the 4-channel
 groups of ``rpn_reg`` are permuted accordingly.
 
-BatchNorm ``num_batches_tracked`` counters are dropped when the model has none (FrozenBN).
-Backbones other than ResNet and Swin are not covered yet: their names are reported as unused,
-as are the names of the other architecture (a Co-DINO checkpoint read for a Co-Deformable-DETR
-model, or the reverse; :func:`official_architecture` tells from a state dict which it is).
+Dropped, always: the EMA copies ``ema_*`` of the ViT-L checkpoints (their weights are the EMA
+already), the ViT's RoPE tables, and the federated loss's class weights
+``*.loss_cls.fed_loss_weight`` (LVIS), with a note in the report: ours are no model state but
+the loss's ``fed_loss_class_weights``, from the dataset metadata. BatchNorm
+``num_batches_tracked`` counters are dropped when the model has none (FrozenBN). Backbones
+other than ResNet, Swin and EVA-02 are not covered: their names are reported as unused, as are
+the names of the other architecture (a Co-DINO checkpoint read for a Co-Deformable-DETR model,
+or the reverse; :func:`official_architecture` tells from a state dict which it is).
 """
 import re
 from dataclasses import dataclass, field
@@ -73,6 +86,7 @@ from torch import Tensor, nn
 from codetr.modeling.query_heads import DeformableDETRHead, DINOHead
 
 from .inference import is_training_only
+from .eva02 import eva02_key, is_eva02_fixed_buffer
 from .resnet import torchvision_resnet_key
 from .swin import swin_key
 
@@ -93,9 +107,23 @@ _AUX_SOURCE = re.compile(
     r"|query_head\.transformer\.(aux_pos_trans|aux_pos_trans_norm|pos_feats_trans"
     r"|pos_feats_norm|head_pos_embed)\."
 )
-# our names of the same parts
 # exponential-moving-average copies of some checkpoints (ViT-L): not model weights
 _EMA_SOURCE = re.compile(r"ema_")
+# the federated loss's class weights (LVIS checkpoints): not model state here
+_FED_LOSS_WEIGHT = re.compile(r"(\w+\.)*loss_cls\.fed_loss_weight")
+_FED_LOSS_NOTE = (
+    "dropped {key}: the federated loss's class weights are no model state here; they come "
+    "from the dataset metadata (DetectionLoss(fed_loss_class_weights=...))"
+)
+# the authors' SFP neck: per branch, index of a conv in their Sequential -> index in ours
+_SFP_CONVS = {
+    "p2": {1: 1, 5: 3, 8: 4, 11: 5},
+    "p3": {1: 1, 4: 2, 7: 3},
+    "p4": {0: 0, 3: 1},
+    "p5": {1: 1, 4: 2},
+    "p6": {1: 1, 4: 2, 7: 3},
+}
+_SFP = re.compile(r"neck\.(?P<level>p[2-6])\.(?P<j>\d+)\.(?P<param>weight|bias)")
 _COUNTER = ".num_batches_tracked"
 
 _T = r"query_head\.transformer\."
@@ -104,7 +132,8 @@ _PARAM = r"(?P<param>\w+)"
 _NECK = r"neck\.(?P<kind>convs|extra_convs)\.(?P<i>\d+)\."
 
 # (authors' name pattern, our name template); templates are filled with the named groups, with
-# ``norm`` = the authors' norm index + 1 and ``fc1`` = the authors' FC index + 1
+# ``norm`` = the authors' norm index + 1, ``fc1`` = the authors' FC index + 1 and ``conv1`` =
+# the authors' conv index + 1
 _SHARED_RULES: List[Tuple[str, str]] = [
     (_NECK + r"conv\.weight", "neck.{kind}.{i}.weight"),
     (_NECK + r"gn\." + _PARAM, "neck.{kind}.{i}.norm.{param}"),
@@ -136,6 +165,10 @@ _SHARED_RULES: List[Tuple[str, str]] = [
     (r"rpn_head\.rpn_reg\." + _PARAM, "aux_heads.{rpn}.rpn.rpn_head.anchor_deltas.{param}"),
     (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.shared_fcs\.(?P<fc>\d+)\." + _PARAM,
      "aux_heads.{rcnn}.roi_heads.box_head.fc{fc1}.{param}"),
+    (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.shared_convs\.(?P<conv>\d+)\.conv\.weight",
+     "aux_heads.{rcnn}.roi_heads.box_head.conv{conv1}.weight"),
+    (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.shared_convs\.(?P<conv>\d+)\.gn\." + _PARAM,
+     "aux_heads.{rcnn}.roi_heads.box_head.conv{conv1}.norm.{param}"),
     (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.fc_cls\." + _PARAM,
      "aux_heads.{rcnn}.roi_heads.box_predictor.cls_score.{param}"),
     (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.fc_reg\." + _PARAM,
@@ -198,7 +231,8 @@ class ConversionReport:
         missing: model keys that no authors' key filled.
         shape_mismatches: (authors' key, our key, authors' shape, our shape); not converted.
         dropped: authors' keys left out on purpose (auxiliary parts without ``keep_aux``,
-            EMA copies).
+            EMA copies, RoPE tables, the federated loss's class weights).
+        notes: why some of the ``dropped`` keys were dropped, for the reader.
     """
 
     unused: List[str] = field(default_factory=list)
@@ -207,6 +241,7 @@ class ConversionReport:
         default_factory=list
     )
     dropped: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -214,7 +249,8 @@ class ConversionReport:
 
     def summary(self) -> str:
         """A human-readable listing of every problem (and the count of dropped keys)."""
-        lines = [f"{len(self.dropped)} auxiliary / EMA keys dropped on purpose."]
+        lines = [f"{len(self.dropped)} auxiliary / EMA / fixed-table keys dropped on purpose."]
+        lines += [f"  note: {note}" for note in self.notes]
         if self.unused:
             lines.append(f"{len(self.unused)} keys of the checkpoint were not used:")
             lines += [f"  {k}" for k in self.unused]
@@ -334,9 +370,13 @@ def official_key_to_ours(
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     if key.startswith("backbone."):
         name = key[len("backbone."):]
-        # ResNet and Swin names are disjoint
-        name = swin_key(name) or torchvision_resnet_key(name)
+        # ResNet, Swin and EVA-02 names are disjoint (but for Swin's and EVA-02's same
+        # ``patch_embed.proj.*``)
+        name = swin_key(name) or torchvision_resnet_key(name) or eva02_key(name)
         return None if name is None else "backbone." + name
+    sfp = _SFP.fullmatch(key)
+    if sfp is not None:
+        return _sfp_key(sfp["level"], int(sfp["j"]), sfp["param"])
     indices = _auxiliary_indices(aux_head_kinds)
     for pattern, template in _COMPILED_RULES[architecture]:
         match = pattern.fullmatch(key)
@@ -347,6 +387,8 @@ def official_key_to_ours(
             values["norm"] = int(values["n"]) + 1
         if "fc" in values:
             values["fc1"] = int(values["fc"]) + 1
+        if "conv" in values:
+            values["conv1"] = int(values["conv"]) + 1
         if "{rpn}" in template:  # the authors' single RPN belongs to our first RoI head
             values["rpn"] = "0"
         for family in ("rcnn", "rpn", "atss", "pos"):
@@ -357,6 +399,27 @@ def official_key_to_ours(
                 values[family] = ours
         return template.format(**values)
     return None
+
+
+def _sfp_key(level: str, index: int, param: str) -> Optional[str]:
+    """Our name of the parameter ``param`` of module ``index`` of the authors' SFP branch."""
+    convs = _SFP_CONVS[level]
+    if index in convs and param == "weight":
+        return f"neck.branches.{level}.{convs[index]}.weight"
+    if index - 1 in convs:  # the LayerNorm after a conv
+        return f"neck.branches.{level}.{convs[index - 1]}.norm.{param}"
+    return None
+
+
+def _is_dropped(key: str, keep_aux: bool) -> bool:
+    """Whether an authors' key is left out on purpose (auxiliary parts without ``keep_aux``,
+    EMA copies, RoPE tables, the federated loss's class weights)."""
+    return (
+        _EMA_SOURCE.match(key) is not None
+        or _FED_LOSS_WEIGHT.fullmatch(key) is not None
+        or (key.startswith("backbone.") and is_eva02_fixed_buffer(key[len("backbone."):]))
+        or (not keep_aux and is_auxiliary_key(key))
+    )
 
 
 def _rpn_anchor_permutation(cell_anchors: Tensor) -> Tensor:
@@ -430,8 +493,10 @@ def convert_official_state_dict(
     report = ConversionReport()
     converted: Dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if _EMA_SOURCE.match(key) or (not keep_aux and is_auxiliary_key(key)):
+        if _is_dropped(key, keep_aux):
             report.dropped.append(key)
+            if _FED_LOSS_WEIGHT.fullmatch(key):
+                report.notes.append(_FED_LOSS_NOTE.format(key=key))
             continue
         new_key = official_key_to_ours(key, kinds, architecture)
         if new_key is None or new_key not in target:

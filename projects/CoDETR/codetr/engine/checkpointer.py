@@ -21,10 +21,12 @@ from torch import nn
 
 from codetr.checkpoint import (
     convert_official_swin,
+    convert_published_eva02,
     convert_torchvision_resnet,
     is_official_swin_state_dict,
     is_torchvision_resnet_state_dict,
     load_pickle_weights,
+    published_eva02_state_dict,
 )
 
 from .ema import EMA_WEIGHTS_KEY
@@ -121,8 +123,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
     Loading runs no code of the file: ``.pkl`` files (detectron2 and Detectron1 model zoo) are
     read by :func:`codetr.checkpoint.load_pickle_weights`, which allows numpy arrays and plain
     data only, and every ``torch.load`` uses ``weights_only=True``. It also accepts ImageNet
-    backbone weights as published: a plain torchvision ResNet state dict, or an official Swin
-    checkpoint; their names are mapped to the detector's ``backbone.*``.
+    backbone weights as published: a plain torchvision ResNet state dict, an official Swin
+    checkpoint, or an EVA-02 checkpoint (patch embedding and position embedding resized to the
+    model's); their names are mapped to the detector's ``backbone.*``.
 
     A checkpoint of a run with an EMA of the weights (:mod:`codetr.engine.ema`) holds the raw
     weights as ``"model"`` and the averaged ones as ``"model_ema"``; with ``load_ema_weights``
@@ -250,6 +253,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if is_official_swin_state_dict(weights):
             self.logger.info(f"{filename}: official Swin weights, mapped to backbone.*")
             return {"model": convert_official_swin(weights)}
+        eva02 = published_eva02_state_dict(loaded)
+        if eva02 is not None:
+            self.logger.info(
+                f"{filename}: EVA-02 weights, mapped to backbone.* (patch and position "
+                "embeddings resized to the model's)"
+            )
+            return {"model": convert_published_eva02(eva02, self.model.state_dict())}
         return loaded
 
     def _read_file(self, filename: str) -> Dict[str, Any]:
