@@ -283,3 +283,28 @@ def test_objects365_pre_training_config():
     assert cfg.model.query_head.num_classes == 365
     assert cfg.dataloader.train.dataset.names == "objects365_v2_train"
     assert cfg.dataloader.test.dataset.names == "objects365_v2_val"
+
+
+# the authors' models built by their code: `python tools/parameter_counts_official.py` (total,
+# inference without the auxiliary heads, positive-query projections and extra level)
+AUTHORS_PARAMETER_COUNTS = {
+    "co_dino_vit/co_dino_5scale_vit_large_coco.py": (365367657, 347240588),
+    "co_dino_vit/co_dino_5scale_lsj_vit_large_lvis.py": (374877868, 349394753),
+    "co_dino/co_dino_5scale_lsj_swin_large_3x_lvis.py": (246123424, 220640309),
+    "co_dino/co_dino_5scale_swin_large_16e_o365tococo.py": (235471769, 218332544),
+    "co_dino/co_dino_5scale_lsj_swin_large_16e_o365tolvis.py": (246123424, 220640309),
+    "co_dino/co_dino_5scale_r50_1x_lvis.py": (75855660, 50372545),
+    "co_dino/co_dino_5scale_lsj_r50_1x_lvis.py": (75855660, 50372545),
+}
+# their frozen BatchNorm keeps its affine values as parameters, detectron2's FrozenBatchNorm2d as
+# buffers: 2 x 26560 channels in a ResNet-50
+R50_FROZEN_BN_AFFINE = 53120
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS_PARAMETER_COUNTS))
+def test_parameter_counts_equal_the_authors_models(name):
+    model = build_on_meta(_load(name).model)
+    frozen_bn = R50_FROZEN_BN_AFFINE if "r50" in name else 0
+    total, inference = AUTHORS_PARAMETER_COUNTS[name]
+    assert sum(p.numel() for p in model.parameters()) + frozen_bn == total
+    assert inference_parameter_count(model) + frozen_bn == inference
