@@ -168,6 +168,12 @@ def test_parts_are_built_from_what_the_model_derives(parts):
     assert CoDETR(**parts, positive_queries=builder).positive_queries is None
 
 
+def test_built_auxiliary_heads_are_refused_with_the_fix(parts):
+    # a config of the old form, L(ATSSHead)(...): a module where a builder is expected
+    with pytest.raises(TypeError, match=r"\['FakeAuxHead'\]: write them .* LazyPartial"):
+        CoDETR(**parts, aux_heads=[FakeAuxHead("one-stage")])
+
+
 def test_neck_and_query_head_must_agree(parts):
     # one more neck level than the encoder and decoder attend to: refused when built
     cfg = tiny_dino_config().model

@@ -32,6 +32,8 @@ _VIT_EMBEDDING_PARAMETERS: Tuple[str, ...] = ("pos_embed", "cls_token", "mask_to
 _RELATIVE_POSITION_KEYS: Tuple[str, ...] = ("relative_position_bias_table", "rel_pos")
 
 
+# not detectron2's get_vit_lr_decay_rate: it puts cls_token / mask_token and blocks.i.residual.*
+# at num_layers + 1, the authors' rule at 0 and i + 1, and it cannot compose with lr_factor
 def vit_layer_id(name: str, *, num_layers: int) -> int:
     """
     Layer id of one parameter for the layer-wise learning-rate decay of a ViT backbone, as the

@@ -33,7 +33,6 @@ from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import ParamScheduler
 from omegaconf import DictConfig, OmegaConf
 
-import codetr.data  # noqa: F401  (registers the project's datasets)
 
 from .checkpointer import AtomicCheckpointer, min_loaded_shares
 from .device import AMP_PRECISIONS, amp_precision, autocast_to, inference_precision, train_device

@@ -92,6 +92,17 @@ class CoDETR(nn.Module):
             f"p{int(math.log2(stride))}": ShapeSpec(channels=channels, stride=stride),
         }
         self.aux_feature_names = list(aux_input_shape)
+        built = [
+            type(b).__name__ for b in [*aux_heads, positive_queries] if isinstance(b, nn.Module)
+        ]
+        if built:
+            raise TypeError(
+                f"CoDETR builds its auxiliary heads and positive queries itself, from the shapes "
+                f"it derives, but got built modules {built}: write them in a config as "
+                f"LazyPartial(Class)(...) (codetr.engine.LazyPartial) instead of L(Class)(...), "
+                f"without input_shape / num_heads / embed_dim / num_classes (functools.partial "
+                f"in Python)"
+            )
         num_classes = query_head.num_classes
         self.aux_heads = nn.ModuleList(
             build(input_shape=aux_input_shape, num_classes=num_classes) for build in aux_heads
