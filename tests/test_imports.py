@@ -14,7 +14,7 @@ def test_importing_the_packages_registers_nothing():
     result = _run(
         "import sys, codetr\n"
         "assert 'torch' not in sys.modules, 'import codetr imported torch'\n"
-        "import codetr.data, codetr.engine, codetr.modeling\n"
+        "import codetr.data, codetr.engine, codetr.evaluation, codetr.modeling\n"
         "from detectron2.data import DatasetCatalog\n"
         "print(sorted(name for name in DatasetCatalog.list() if 'codetr' in name))\n"
         "import codetr_toy\n"

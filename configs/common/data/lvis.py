@@ -5,12 +5,14 @@ the layout under $DETECTRON2_DATASETS).
 Training samples images by repeat factor (detectron2's ``RepeatFactorTrainingSampler``, the
 authors' ``ClassBalancedDataset(oversample_thr=1e-3)``): an image is repeated
 max(1, sqrt(0.001 / f)) times, f the image frequency of its rarest class. Evaluation is
-detectron2's ``LVISEvaluator`` on up to 1000 detections per image (LVIS's own limit).
+``codetr.evaluation.LVISEvaluator`` (detectron2's, runnable with the PyPI ``lvis`` 0.5.3 and
+numpy >= 1.24) on up to 1000 detections per image (LVIS's own limit).
 """
 
 from detectron2.config import LazyCall as L
 from detectron2.data.samplers import RepeatFactorTrainingSampler
-from detectron2.evaluation import LVISEvaluator
+
+from codetr.evaluation import LVISEvaluator
 
 from .coco import dataloader
 
