@@ -5,7 +5,9 @@ drop path 0.4, activation checkpointing), their simple feature pyramid to p2 ...
 channels, the Co-DINO head with 1500 queries and 300 denoising queries (box noise 0.4),
 R-CNN and ATSS auxiliary heads; its RoI box head is 4 GroupNorm convs and 1 FC with
 class-agnostic regression (target stds 0.05, 0.05, 0.1, 0.1). Test output: the best 1000 of
-query x class after soft-NMS 0.8. Inputs padded to a multiple of 32.
+query x class after soft-NMS 0.8; the auxiliary heads' (``eval_module``) also use soft-NMS, as
+the authors' test settings: RPN 8000 per level, NMS 0.9, 2000 proposals, RoI soft-NMS 0.5 and
+1000 detections, ATSS soft-NMS 0.6 and 100 detections. Inputs padded to a multiple of 32.
 """
 
 from detectron2.config import LazyCall as L
@@ -41,4 +43,10 @@ model.aux_heads[0].update(
     box_head_norm="GN",
     cls_agnostic_bbox_reg=True,
     box_reg_weights=[20.0, 20.0, 10.0, 10.0],
+    rpn_test_pre_nms_topk=8000,
+    rpn_test_post_nms_topk=2000,
+    rpn_test_nms_thresh=0.9,
+    test_soft_nms=True,
+    test_topk_per_image=1000,
 )
+model.aux_heads[1].test_soft_nms = True

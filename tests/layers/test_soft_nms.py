@@ -188,3 +188,35 @@ def test_matches_per_box_reference(seed):
         )
         assert keep.tolist() == expected_keep[:max_keep]
         assert kept_scores.tolist() == [float(s) for s in expected_scores[:max_keep]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_from_the_split_threshold_each_class_is_solved_alone(seed, monkeypatch):
+    # mmcv's batched_nms from split_thr boxes on: one soft-NMS per class on the shifted boxes,
+    # then all kept boxes by decayed score (ties here in input order)
+    import codetr.layers.soft_nms as soft_nms_module
+
+    monkeypatch.setattr(soft_nms_module, "SPLIT_THRESHOLD", 50)
+    generator = torch.Generator().manual_seed(seed)
+    num_boxes = 120
+    centers = torch.rand(num_boxes, 2, generator=generator) * 60
+    sizes = torch.rand(num_boxes, 2, generator=generator) * 30 + 5
+    boxes = torch.cat([centers - sizes / 2, centers + sizes / 2], dim=1).clamp(min=0)
+    boxes[10:20] = boxes[:10]  # exact duplicates
+    scores = torch.randint(1, 20, (num_boxes,), generator=generator).float() / 20  # ties
+    labels = torch.randint(0, 4, (num_boxes,), generator=generator)
+    shifted = boxes + (labels.float() * (boxes.max() + 1))[:, None]
+    expected = []
+    for label in range(4):
+        members = (labels == label).nonzero().squeeze(1)
+        keep, kept = _mmcv_soft_nms_reference(
+            shifted[members], scores[members], torch.zeros_like(members), 0.5, 1e-3
+        )
+        expected += [(float(s), int(members[k])) for k, s in zip(keep, kept)]
+    expected.sort(key=lambda pair: (-pair[0], pair[1]))
+    for max_keep in (num_boxes, 15):
+        keep, kept_scores = batched_soft_nms(
+            boxes, scores, labels, iou_threshold=0.5, max_keep=max_keep
+        )
+        assert keep.tolist() == [index for _, index in expected[:max_keep]]
+        assert kept_scores.tolist() == [score for score, _ in expected[:max_keep]]

@@ -166,6 +166,32 @@ class TestProposalOrder(unittest.TestCase):
         boxes, _ = self._proposals(rpn, [level_0, level_1], [[0.5, 2.0, 1.0], [0.0, 3.0]])
         self.assertEqual(boxes, [level_1[1], level_0[1], level_0[2], level_1[0]])
 
+    def test_test_time_nms_threshold(self):
+        # IoU 0.8 between the two boxes: suppressed at 0.7 (training), kept at 0.9 (test)
+        level_0 = [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 8.0]]
+        rpn = _rpn(rpn_train_nms_thresh=0.7, rpn_test_nms_thresh=0.9)
+        boxes, _ = self._proposals(rpn, [level_0], [[1.0, 0.0]])
+        self.assertEqual(boxes, level_0)
+        rpn.train()
+        (instances,) = rpn.predict_proposals(
+            [Boxes(torch.tensor(level_0))],
+            [torch.tensor([[1.0, 0.0]])],
+            [torch.zeros(1, 2, 4)],
+            [(100, 100)],
+        )
+        boxes = instances.proposal_boxes.tensor.tolist()
+        self.assertEqual(boxes, level_0[:1])
+
+    def test_detectron2_conventions_take_one_nms_threshold(self):
+        with self.assertRaisesRegex(
+            ValueError, "rpn_train_nms_thresh=0.7.*rpn_test_nms_thresh=0.9"
+        ):
+            _rpn(
+                training_conventions="detectron2",
+                rpn_train_nms_thresh=0.7,
+                rpn_test_nms_thresh=0.9,
+            )
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -1,28 +1,16 @@
 """Class-aware linear soft-NMS, reproducing mmcv 1.5.0's ``batched_nms`` with ``soft_nms``."""
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["batched_soft_nms"]
+__all__ = ["batched_soft_nms", "SPLIT_THRESHOLD"]
 
-
-def _pairwise_iou(boxes: Tensor) -> Tensor:
-    """
-    (N, 4) xyxy -> (N, N) IoU with the arithmetic of mmcv's CPU soft-NMS kernel (no +1 pixel
-    offset): ``inter / (area_i + area_j - inter)``; 0/0 gives NaN, which never decays.
-    """
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    areas = (x2 - x1) * (y2 - y1)
-    left = torch.max(x1[:, None], x1[None, :])
-    top = torch.max(y1[:, None], y1[None, :])
-    right = torch.min(x2[:, None], x2[None, :])
-    bottom = torch.min(y2[:, None], y2[None, :])
-    inter_w = (right - left).clamp(min=0)
-    inter_h = (bottom - top).clamp(min=0)
-    inter = inter_w * inter_h
-    return inter / (areas[:, None] + areas[None, :] - inter)
+# mmcv's batched_nms runs one NMS per class from this many boxes on (its split_thr)
+SPLIT_THRESHOLD = 10000
+# the largest IoU table computed ahead (float32: 400 MB, mmcv's largest single pass)
+_IOU_TABLE_SIZE = SPLIT_THRESHOLD**2
 
 
 @torch.no_grad()
@@ -42,11 +30,13 @@ def batched_soft_nms(
     discarded (the first selected box is never discarded, as in mmcv).
 
     Reproduces ``mmcv.ops.batched_nms(boxes, scores, labels, dict(type="soft_nms",
-    iou_threshold=..., min_score=...))[1][:max_keep]`` of mmcv 1.5.0 for fewer than 10000
-    boxes (mmcv's default ``split_thr``): classes are separated by shifting the boxes of class
-    c by ``c * (boxes.max() + 1)``, IoUs are computed on the shifted boxes, and equal scores
-    are resolved by the kernel's in-place swapping order. The result is bitwise identical for
-    float32 input; other floating dtypes are computed in their own precision.
+    iou_threshold=..., min_score=...))[1][:max_keep]`` of mmcv 1.5.0: classes are separated by
+    shifting the boxes of class c by ``c * (boxes.max() + 1)``, IoUs are computed on the
+    shifted boxes, and equal scores are resolved by the kernel's in-place swapping order. From
+    :data:`SPLIT_THRESHOLD` boxes on, as mmcv, each class is processed on its own (the same
+    shifted boxes) and the kept boxes are ordered by decayed score (ties in input order; mmcv's
+    sort leaves their order unspecified). The result is bitwise identical for float32 input;
+    other floating dtypes are computed in their own precision.
 
     Args:
         boxes: (N, 4) xyxy boxes.
@@ -78,41 +68,134 @@ def batched_soft_nms(
 
     dtype = boxes.dtype
     offsets = labels.to(boxes) * (boxes.max() + torch.tensor(1, dtype=dtype, device=device))
-    iou = _pairwise_iou(boxes + offsets[:, None])
+    shifted = boxes + offsets[:, None]
+    scores = scores.to(dtype)
+    if num_boxes < SPLIT_THRESHOLD:
+        order, decayed, num_selected = _soft_nms_rows(
+            shifted[None], scores[None], iou_threshold, min_score, max_keep
+        )
+        return order[0, : num_selected[0]], decayed[0, : num_selected[0]]
+    # one problem per class, solved side by side: row c holds class c's boxes, padded
+    classes, class_of_box, class_sizes = labels.unique(return_inverse=True, return_counts=True)
+    by_class = class_of_box.sort(stable=True).indices  # input indices, class-major
+    rank = (
+        torch.arange(num_boxes, device=device)
+        - (class_sizes.cumsum(0) - class_sizes)[class_of_box[by_class]]
+    )
+    width = int(class_sizes.max())
+    members = torch.full((len(classes), width), -1, dtype=torch.long, device=device)
+    members[class_of_box[by_class], rank] = by_class
+    padded = members.clamp(min=0)
+    order, decayed, num_selected = _soft_nms_rows(
+        shifted[padded], scores[padded], iou_threshold, min_score, width, class_sizes
+    )
+    selected = torch.arange(width, device=device) < num_selected[:, None]
+    keep = members.gather(1, order)[selected]
+    kept_scores = decayed[selected]
+    # best first; ties in input order (mmcv's sort leaves their order unspecified)
+    keep, input_order = keep.sort()
+    kept_scores = kept_scores[input_order]
+    best_first = kept_scores.sort(descending=True, stable=True).indices[:max_keep]
+    return keep[best_first], kept_scores[best_first]
+
+
+def _overlap_function(boxes: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """
+    ``overlaps(chosen, columns)``: the IoU (R, K) of box ``chosen[r]`` (R,) of each row with
+    boxes ``columns[r]`` (R, K) of that row, in the arithmetic of mmcv's CPU kernel (no +1 pixel
+    offset): ``inter / (area_i + area_j - inter)``; 0/0 gives NaN, which never decays. Read from
+    an (R, N, N) table where that is at most :data:`_IOU_TABLE_SIZE` values (fewer operations
+    per step), else computed.
+    """
+    num_rows, num_boxes = boxes.shape[:2]
+    rows = torch.arange(num_rows, device=boxes.device)
+    x1, y1, x2, y2 = boxes.unbind(-1)  # (R, N)
+    areas = (x2 - x1) * (y2 - y1)
+
+    def iou(box_i: Callable[[Tensor], Tensor], box_j: Callable[[Tensor], Tensor]) -> Tensor:
+        inter_w = (torch.min(box_i(x2), box_j(x2)) - torch.max(box_i(x1), box_j(x1))).clamp(min=0)
+        inter_h = (torch.min(box_i(y2), box_j(y2)) - torch.max(box_i(y1), box_j(y1))).clamp(min=0)
+        inter = inter_w * inter_h
+        return inter / (box_i(areas) + box_j(areas) - inter)
+
+    if num_rows * num_boxes * num_boxes <= _IOU_TABLE_SIZE:
+        table = iou(lambda t: t[:, :, None], lambda t: t[:, None, :])  # (R, N, N)
+        return lambda chosen, columns: table[rows, chosen].gather(1, columns)
+    return lambda chosen, columns: iou(
+        lambda t: t[rows, chosen][:, None], lambda t: t.gather(1, columns)
+    )
+
+
+def _soft_nms_rows(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float,
+    min_score: float,
+    max_keep: int,
+    sizes: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """
+    Linear soft-NMS as mmcv's CPU kernel, on R independent problems side by side.
+
+    The kernel keeps the boxes in an array: at step ``s`` it swaps the first position holding
+    the highest current score into position ``s``, decays the boxes after it by ``1 - IoU``
+    where ``IoU >= iou_threshold`` (IoU ``inter / (area_i + area_j - inter)``; 0/0 is NaN and
+    never decays), then discards those below ``min_score`` scanning forward, each discarded box
+    replaced by the last remaining one (itself re-examined): so the j-th discarded position
+    among the first ``num_kept`` is filled by the j-th kept box counted from the end.
+
+    Args:
+        boxes: (R, N, 4) xyxy.
+        scores: (R, N).
+        max_keep: boxes selected per problem at most.
+        sizes: (R,) number of valid boxes of each row (the first ones); default: all N.
+    Returns:
+        order: (R, N) column indices of the boxes, in array order; the first ``num_selected``
+            are the selected ones, in selection order.
+        decayed: (R, N) their scores in that order.
+        num_selected: (R,).
+    """
+    num_rows, num_boxes = scores.shape
+    device, dtype = boxes.device, boxes.dtype
+    rows = torch.arange(num_rows, device=device)
+    positions = torch.arange(num_boxes, device=device)
+    alive = torch.full((num_rows,), num_boxes, device=device) if sizes is None else sizes.clone()
+    order = positions.repeat(num_rows, 1)
+    current = scores.clone()
+    overlaps = _overlap_function(boxes)
     # thresholds in the working precision, as the kernel compares in float32
     iou_threshold_t = torch.tensor(iou_threshold, dtype=dtype, device=device)
     min_score_t = torch.tensor(min_score, dtype=dtype, device=device)
-
-    # `order[p]` is the input index at array position p and `current[p]` its current score;
-    # positions [0, step) hold the selected boxes, [step, num_alive) the remaining ones.
-    order = torch.arange(num_boxes, device=device)
-    current = scores.to(dtype).clone()
-    num_alive = num_boxes
+    lowest = torch.tensor(float("-inf"), dtype=dtype, device=device)
     step = 0
-    while step < min(num_alive, max_keep):
+    while True:
+        active = (step < alive) & (step < max_keep)  # (R,)
+        if not bool(active.any()):
+            break
         # the first position holding the maximum, swapped into position `step`
-        best = step + int(current[step:num_alive].argmax())
-        swap = torch.tensor([best, step], device=device)
-        order[[step, best]] = order[swap]
-        current[[step, best]] = current[swap]
+        window = (positions >= step) & (positions < alive[:, None])
+        best = torch.where(active, torch.where(window, current, lowest).argmax(dim=1), step)
+        for state in (order, current):
+            at_step, at_best = state[:, step].clone(), state[rows, best]
+            state[:, step] = at_best
+            state[rows, best] = at_step
 
-        rest = slice(step + 1, num_alive)
-        overlap = iou[order[step], order[rest]]
-        decay = torch.where(overlap >= iou_threshold_t, 1 - overlap, torch.ones_like(overlap))
-        current[rest] *= decay
+        iou = overlaps(order[:, step], order)
+        rest = (positions > step) & (positions < alive[:, None]) & active[:, None]
+        current = torch.where(rest & (iou >= iou_threshold_t), current * (1 - iou), current)
 
-        # Discarding, as the kernel does it: scanning forward, each discarded box is replaced
-        # by the last remaining box (itself re-examined), so the j-th discarded position among
-        # the first `num_kept` is filled by the j-th kept box counted from the end.
-        kept = ~(current[rest] < min_score_t)
-        num_kept = int(kept.sum())
-        holes = (~kept[:num_kept]).nonzero().flatten()
-        fillers = kept[num_kept:].nonzero().flatten().flip(0) + num_kept
-        new_positions = torch.arange(num_kept, device=device)
-        new_positions[holes] = fillers
-        new_positions += step + 1
-        order[step + 1 : step + 1 + num_kept] = order[new_positions]
-        current[step + 1 : step + 1 + num_kept] = current[new_positions]
-        num_alive = step + 1 + num_kept
+        dropped = rest & (current < min_score_t)
+        kept = rest & ~dropped
+        num_kept = kept.sum(dim=1)
+        first_block = positions < (step + 1 + num_kept)[:, None]
+        holes = dropped & first_block
+        fillers = kept & ~first_block
+        # the fillers' positions, last first, then -1s; the j-th hole takes the j-th of them
+        fillers_last_first = torch.where(fillers, positions, -1).sort(dim=1, descending=True)[0]
+        hole_rank = (holes.cumsum(1) - 1).clamp(min=0)
+        source = torch.where(holes, fillers_last_first.gather(1, hole_rank), positions)
+        order = order.gather(1, source)
+        current = current.gather(1, source)
+        alive = torch.where(active, step + 1 + num_kept, alive)
         step += 1
-    return order[:step], current[:step]
+    return order, current, torch.clamp(alive, max=max_keep)

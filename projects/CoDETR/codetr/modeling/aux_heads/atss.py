@@ -36,6 +36,8 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from codetr.layers import batched_soft_nms
+
 from ..distributed import average_across_workers
 from .anchors import valid_anchor_mask
 from .base import AssignedCoords
@@ -159,6 +161,7 @@ class ATSSHead(nn.Module):
         test_score_thresh: float = 0.0,
         test_nms_thresh: float = 0.6,
         max_detections_per_image: int = 100,
+        test_soft_nms: bool = False,
     ):
         """
         Args:
@@ -183,6 +186,8 @@ class ATSSHead(nn.Module):
             test_score_thresh: classification probability a candidate must exceed.
             test_nms_thresh: IoU threshold of the class-aware NMS.
             max_detections_per_image: detections kept per image.
+            test_soft_nms: class-aware linear soft-NMS at ``test_nms_thresh`` in place of NMS
+                (the authors' ViT-L model).
         """
         super().__init__()
         if in_features is None:
@@ -239,6 +244,7 @@ class ATSSHead(nn.Module):
         self.test_score_thresh = test_score_thresh
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
+        self.test_soft_nms = test_soft_nms
 
         self.cls_tower = self._make_tower(in_channels, num_convs, norm)
         self.bbox_tower = self._make_tower(in_channels, num_convs, norm)
@@ -472,7 +478,8 @@ class ATSSHead(nn.Module):
         The authors' ATSS test: per level, the ``test_topk_candidates`` highest classification
         probabilities above ``test_score_thresh`` (over anchor x class pairs); their score is
         then multiplied by the centerness probability; boxes are decoded and clipped to the
-        image, and a class-aware NMS keeps ``max_detections_per_image``.
+        image, and a class-aware NMS (or soft-NMS, ``test_soft_nms``) keeps
+        ``max_detections_per_image``.
 
         Returns:
             per image, ``Instances`` of ``images.image_sizes[i]`` with ``pred_boxes``,
@@ -511,13 +518,23 @@ class ATSSHead(nn.Module):
             pred_boxes.clip(image_size)
             scores = torch.cat(scores)
             classes = torch.cat(classes)
-            keep = batched_nms(pred_boxes.tensor, scores, classes, self.test_nms_thresh)
-            keep = keep[: self.max_detections_per_image]
+            if self.test_soft_nms:
+                keep, scores = batched_soft_nms(
+                    pred_boxes.tensor,
+                    scores,
+                    classes,
+                    iou_threshold=self.test_nms_thresh,
+                    max_keep=self.max_detections_per_image,
+                )
+            else:
+                keep = batched_nms(pred_boxes.tensor, scores, classes, self.test_nms_thresh)
+                keep = keep[: self.max_detections_per_image]
+                scores = scores[keep]
             results.append(
                 Instances(
                     image_size,
                     pred_boxes=pred_boxes[keep],
-                    scores=scores[keep],
+                    scores=scores,
                     pred_classes=classes[keep],
                 )
             )

@@ -27,6 +27,7 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from codetr.layers import batched_soft_nms
 from codetr.modeling.aux_heads.anchors import RatioMajorAnchorGenerator, valid_anchor_mask
 from codetr.modeling.aux_heads.base import AssignedCoords
 from codetr.modeling.aux_heads.sampling import LowQualityMatcher, sample_in_order
@@ -48,8 +49,20 @@ class RCNNAuxRPN(RPN):
     * proposals are ranked by float32 probability, ties in the authors' order
       (:meth:`predict_proposals`; detectron2 ranks by logit).
 
-    Matching is the ``anchor_matcher`` given (the authors': :class:`LowQualityMatcher`).
+    Matching is the ``anchor_matcher`` given (the authors': :class:`LowQualityMatcher`). The
+    proposal NMS threshold may differ at test time (``test_nms_thresh``; the authors' ViT-L
+    model: 0.7 in training, 0.9 at test).
     """
+
+    def __init__(self, *, test_nms_thresh: float, **kwargs):
+        """
+        Args:
+            test_nms_thresh: IoU threshold of the proposal NMS at test time (``nms_thresh``:
+                in training).
+            kwargs: as :class:`RPN`.
+        """
+        super().__init__(**kwargs)
+        self.test_nms_thresh = test_nms_thresh
 
     @torch.no_grad()
     def predict_proposals(
@@ -75,6 +88,7 @@ class RCNNAuxRPN(RPN):
         proposals = self._decode_proposals(anchors, pred_anchor_deltas)  # per level (B, N_l, 4)
         pre_nms_topk = self.pre_nms_topk[self.training]
         post_nms_topk = self.post_nms_topk[self.training]
+        nms_thresh = self.nms_thresh if self.training else self.test_nms_thresh
         # per level (B, K_l) probabilities, float32 (half-precision ones would tie in large
         # numbers), and the (B, K_l, 4) boxes
         level_scores, level_boxes = [], []
@@ -104,7 +118,7 @@ class RCNNAuxRPN(RPN):
             for level in range(len(level_scores)):
                 members = torch.nonzero(levels == level).squeeze(1)
                 keep.append(
-                    members[torchvision.ops.nms(shifted[members], scores[members], self.nms_thresh)]
+                    members[torchvision.ops.nms(shifted[members], scores[members], nms_thresh)]
                 )
             keep = torch.cat(keep)
             keep = keep[scores[keep].sort(descending=True, stable=True).indices][:post_nms_topk]
@@ -193,14 +207,17 @@ class RCNNAuxROIHeads(StandardROIHeads):
     order of that list.
     """
 
-    def __init__(self, *, sample_as_authors: bool, **kwargs):
+    def __init__(self, *, sample_as_authors: bool, test_soft_nms: bool = False, **kwargs):
         """
         Args:
             sample_as_authors: sample as the authors' code (above) or as detectron2.
+            test_soft_nms: at test time, class-aware linear soft-NMS (:func:`batched_soft_nms`
+                at the box predictor's ``test_nms_thresh``) in place of NMS.
             kwargs: as :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
         self.sample_as_authors = sample_as_authors
+        self.test_soft_nms = test_soft_nms
 
     @torch.no_grad()
     def label_and_sample_proposals(
@@ -250,6 +267,8 @@ class RCNNAuxROIHeads(StandardROIHeads):
         )  # (R, C, output_size, output_size) over all images
         predictions = self.box_predictor(self.box_head(box_features))
         if not self.training:
+            if self.test_soft_nms:
+                return self._soft_nms_inference(predictions, proposals)
             pred_instances, _ = self.box_predictor.inference(predictions, proposals)
             return pred_instances
         losses = self.box_predictor.losses(predictions, proposals)
@@ -257,6 +276,49 @@ class RCNNAuxROIHeads(StandardROIHeads):
         for proposals_per_image, features_per_image in zip(proposals, mean_features):
             proposals_per_image.pooled_features = features_per_image
         return losses
+
+    def _soft_nms_inference(
+        self, predictions: Tuple[Tensor, Tensor], proposals: List[Instances]
+    ) -> List[Instances]:
+        """
+        detectron2's ``fast_rcnn_inference`` with soft-NMS: per image, the boxes clipped to the
+        image, every (proposal, class) pair scoring above ``test_score_thresh`` (in proposal,
+        then class order, as mmdet's ``multiclass_nms``), then class-aware linear soft-NMS
+        keeping ``test_topk_per_image``, scores decayed. (Written here: detectron2's takes no
+        other NMS.)
+        """
+        predictor = self.box_predictor
+        boxes = predictor.predict_boxes(predictions, proposals)
+        scores = predictor.predict_probs(predictions, proposals)
+        results = []
+        for image_boxes, image_scores, image in zip(boxes, scores, proposals):
+            image_scores = image_scores[:, :-1]  # (R, num_classes), background dropped
+            num_regressions = image_boxes.shape[1] // 4
+            clipped = Boxes(image_boxes.reshape(-1, 4))
+            clipped.clip(image.image_size)
+            image_boxes = clipped.tensor.view(-1, num_regressions, 4)
+            selected = image_scores > predictor.test_score_thresh
+            pairs = selected.nonzero()  # (K, 2) proposal, class
+            if num_regressions == 1:
+                candidates = image_boxes[pairs[:, 0], 0]
+            else:
+                candidates = image_boxes[selected]
+            keep, kept_scores = batched_soft_nms(
+                candidates,
+                image_scores[selected],
+                pairs[:, 1],
+                iou_threshold=predictor.test_nms_thresh,
+                max_keep=predictor.test_topk_per_image,
+            )
+            results.append(
+                Instances(
+                    image.image_size,
+                    pred_boxes=Boxes(candidates[keep]),
+                    scores=kept_scores,
+                    pred_classes=pairs[keep, 1],
+                )
+            )
+        return results
 
 
 class RCNNAuxHead(nn.Module):
@@ -386,7 +448,8 @@ def build_rcnn_aux_head(
     rpn_train_post_nms_topk: int = 1000,
     rpn_test_pre_nms_topk: int = 1000,
     rpn_test_post_nms_topk: int = 1000,
-    rpn_nms_thresh: float = 0.7,
+    rpn_train_nms_thresh: float = 0.7,
+    rpn_test_nms_thresh: float = 0.7,
     fc_dim: int = 1024,
     num_box_head_convs: int = 0,
     num_box_head_fcs: int = 2,
@@ -398,6 +461,7 @@ def build_rcnn_aux_head(
     test_score_thresh: float = 0.0,
     test_nms_thresh: float = 0.5,
     test_topk_per_image: int = 100,
+    test_soft_nms: bool = False,
     training_conventions: str = "authors",
 ) -> RCNNAuxHead:
     """
@@ -427,7 +491,8 @@ def build_rcnn_aux_head(
             multiplies all the head's losses).
         rpn_train_pre_nms_topk, rpn_test_pre_nms_topk: proposals kept per level before NMS.
         rpn_train_post_nms_topk, rpn_test_post_nms_topk: proposals kept per image after NMS.
-        rpn_nms_thresh: IoU threshold of the proposal NMS.
+        rpn_train_nms_thresh, rpn_test_nms_thresh: IoU threshold of the proposal NMS (the
+            authors' ViT-L model: 0.7, 0.9; detectron2's training conventions take one).
         fc_dim: width of the shared FC layers.
         num_box_head_convs, num_box_head_fcs, box_head_norm: the RoI box head: 3x3 convs of
             the input width (with detectron2 norm ``box_head_norm``), then FC layers; the
@@ -438,6 +503,8 @@ def build_rcnn_aux_head(
         cls_loss_weight, giou_loss_weight: weights of the RoI classification and GIoU losses.
         test_score_thresh, test_nms_thresh, test_topk_per_image: detection post-processing
             (per-class NMS).
+        test_soft_nms: class-aware linear soft-NMS at ``test_nms_thresh`` in place of NMS
+            (the authors' ViT-L model).
         training_conventions: ``"authors"`` trains as the authors' mmdet code (matching,
             sampling, anchors assigned and normalisers of :class:`RCNNAuxHead`), ``"detectron2"``
             as detectron2's ``RPN`` and ``StandardROIHeads``.
@@ -448,6 +515,12 @@ def build_rcnn_aux_head(
             f"got {training_conventions!r}"
         )
     as_authors = training_conventions == "authors"
+    if not as_authors and rpn_train_nms_thresh != rpn_test_nms_thresh:
+        raise ValueError(
+            f"training_conventions='detectron2' takes one proposal NMS threshold (detectron2's "
+            f"RPN), got rpn_train_nms_thresh={rpn_train_nms_thresh} and "
+            f"rpn_test_nms_thresh={rpn_test_nms_thresh}"
+        )
     if in_features is None:
         in_features = sorted(input_shape, key=lambda name: input_shape[name].stride)
     missing = [f for f in in_features if f not in input_shape]
@@ -479,7 +552,9 @@ def build_rcnn_aux_head(
         strides=strides,
         offset=0.0,
     )
+    rpn_conventions = dict(test_nms_thresh=rpn_test_nms_thresh) if as_authors else {}
     rpn = (RCNNAuxRPN if as_authors else RPN)(
+        **rpn_conventions,
         in_features=in_features,
         head=StandardRPNHead(in_channels=in_channels, num_anchors=anchor_generator.num_anchors[0]),
         anchor_generator=anchor_generator,
@@ -493,7 +568,7 @@ def build_rcnn_aux_head(
         positive_fraction=0.5,
         pre_nms_topk=(rpn_train_pre_nms_topk, rpn_test_pre_nms_topk),
         post_nms_topk=(rpn_train_post_nms_topk, rpn_test_post_nms_topk),
-        nms_thresh=rpn_nms_thresh,
+        nms_thresh=rpn_train_nms_thresh,
         loss_weight=rpn_loss_weight,
         box_reg_loss_type="smooth_l1",
         smooth_l1_beta=0.0,
@@ -531,6 +606,7 @@ def build_rcnn_aux_head(
     )
     roi_heads = RCNNAuxROIHeads(
         sample_as_authors=as_authors,
+        test_soft_nms=test_soft_nms,
         num_classes=num_classes,
         batch_size_per_image=512,
         positive_fraction=0.25,
