@@ -278,9 +278,14 @@ def test_objects365_fine_tuning_configs_follow_the_authors(name, max_detections,
         assert (test.min_size, test.max_size) == (1280, 2048)
 
 
-def test_objects365_pre_training_config():
-    cfg = _load("co_dino/co_dino_5scale_swin_large_o365.py")
+@pytest.mark.parametrize(
+    "name",
+    ["co_dino/co_dino_5scale_swin_large_o365.py", "co_dino_vit/co_dino_5scale_vit_large_o365.py"],
+)
+def test_objects365_pre_training_config(name):
+    cfg = _load(name)
     assert cfg.model.query_head.num_classes == 365
+    assert cfg.train.max_iter == 22 * (-(-1742292 // 16))
     assert cfg.dataloader.train.dataset.names == "objects365_v2_train"
     assert cfg.dataloader.test.dataset.names == "objects365_v2_val"
 
@@ -290,6 +295,8 @@ def test_objects365_pre_training_config():
 AUTHORS_PARAMETER_COUNTS = {
     "co_dino_vit/co_dino_5scale_vit_large_coco.py": (365367657, 347240588),
     "co_dino_vit/co_dino_5scale_lsj_vit_large_lvis.py": (374877868, 349394753),
+    # the authors published no config: theirs is their COCO ViT-L config with 365 classes
+    "co_dino_vit/co_dino_5scale_vit_large_o365.py": (366902382, 347826263),
     "co_dino/co_dino_5scale_lsj_swin_large_3x_lvis.py": (246123424, 220640309),
     "co_dino/co_dino_5scale_swin_large_16e_o365tococo.py": (235471769, 218332544),
     "co_dino/co_dino_5scale_lsj_swin_large_16e_o365tolvis.py": (246123424, 220640309),
