@@ -173,7 +173,8 @@ def _soft_nms_rows(
         if not bool(active.any()):
             break
         # the first position holding the maximum, swapped into position `step`
-        window = (positions >= step) & (positions < alive[:, None])
+        before_end = positions < alive[:, None]
+        window = before_end & (positions >= step)
         best = torch.where(active, torch.where(window, current, lowest).argmax(dim=1), step)
         for state in (order, current):
             at_step, at_best = state[:, step].clone(), state[rows, best]
@@ -181,10 +182,13 @@ def _soft_nms_rows(
             state[rows, best] = at_step
 
         iou = overlaps(order[:, step], order)
-        rest = (positions > step) & (positions < alive[:, None]) & active[:, None]
+        rest = window & (positions > step) & active[:, None]
         current = torch.where(rest & (iou >= iou_threshold_t), current * (1 - iou), current)
 
         dropped = rest & (current < min_score_t)
+        if not bool(dropped.any()):  # nothing to discard: the array stays as it is
+            step += 1
+            continue
         kept = rest & ~dropped
         num_kept = kept.sum(dim=1)
         first_block = positions < (step + 1 + num_kept)[:, None]
