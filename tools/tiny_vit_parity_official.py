@@ -19,7 +19,7 @@ in all three eval_modules, top 1000), at small widths: a 4-block ViT of 128 chan
 (head dim 64, the only one their global RoPE supports), position embedding stored for 128 x 128
 images with a class token, 64-channel neck and transformer (8 heads, 2 + 2 layers, FFN 128),
 30 queries, 10 denoising queries, positive queries capped at 20. Weights: the authors'
-initialisation under ``--seed``, then every 1-D parameter (biases, norms) moved by N(0, 0.1)
+construction and initialisation under ``--seed``, then every 1-D parameter (biases, norms) moved by N(0, 0.1)
 so that no ranking is decided by ties.
 
 Written to ``--output-dir``:
@@ -151,9 +151,8 @@ def authors_inputs(images_bgr: List[torch.Tensor]):
     return batch, metas
 
 
-def spread_weights(model: torch.nn.Module, seed: int) -> None:
+def spread_weights(model: torch.nn.Module) -> None:
     """The authors' initialisation, then every 1-D parameter moved by N(0, 0.1)."""
-    torch.manual_seed(seed)
     model.init_weights()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -200,8 +199,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = shrink(Config.fromfile(os.path.join(args.codetr_root, AUTHORS_CONFIG)).model.to_dict())
     config.pop("pretrained", None)
     model_config = json.dumps(config, indent=1)
+    # seeded before the model is built: init_weights leaves some modules as built
+    torch.manual_seed(args.seed)
     model = build_detector(ConfigDict(config)).eval()
-    spread_weights(model, args.seed)
+    spread_weights(model)
 
     images_bgr = torch.load(
         os.path.join(args.parity_dir, "tiny_co_dino_5scale_r50_1x_coco_official_outputs.pt"),
