@@ -12,7 +12,11 @@ detectron2's ``get_detection_dataset_dicts`` does and reports, naming the datase
   error, found before training instead of in the evaluation after it;
 - degenerate boxes (width or height <= 0, or non-finite coordinates): one warning per dataset
   with their count and an example; training drops them (detectron2's
-  ``filter_empty_instances``).
+  ``filter_empty_instances``);
+- with ``require_masks=True`` (training with instance masks: the train mapper's
+  ``use_instance_mask``), non-crowd annotations without "segmentation": an error with their
+  count and the first few (file and annotation index), before training instead of when the
+  mapper meets the first of them.
 
 The json is parsed only to explain a failure of detectron2's loader, so a valid dataset is
 read once. Files given as URIs (e.g. "s3://...") are not checked.
@@ -192,6 +196,36 @@ def _report_degenerate_boxes(name: str, dicts: List[Dict]) -> None:
         )
 
 
+def _check_segmentations(name: str, dicts: List[Dict]) -> None:
+    """
+    Raises ValueError listing the non-crowd annotations of dataset ``name`` without
+    "segmentation" (by file and index in the record's "annotations", as the mapper names them).
+    """
+    missing = [
+        f"annotation {index} of {record['file_name']}"
+        for record in dicts
+        for index, ann in enumerate(record.get("annotations", ()))
+        if ann.get("iscrowd", 0) == 0 and "segmentation" not in ann
+    ]
+    if missing:
+        total = sum(
+            ann.get("iscrowd", 0) == 0 for record in dicts for ann in record.get("annotations", ())
+        )
+        listed = "\n  ".join(missing[:_LISTED_PATHS])
+        more = (
+            f"\n  ... and {len(missing) - _LISTED_PATHS} more"
+            if len(missing) > _LISTED_PATHS
+            else ""
+        )
+        raise ValueError(
+            f"{len(missing)} of the {total} non-crowd annotations of dataset {name!r} have no "
+            f'"segmentation" (instance masks), which training with masks needs '
+            f"(require_masks=True, the train mapper's use_instance_mask):\n  {listed}{more}\n"
+            "detectron2's load_coco_json leaves the key out when the json gives no valid "
+            "polygon. Add the masks, or train without them."
+        )
+
+
 def require_registered(name: str) -> None:
     """Raises KeyError when ``name`` is not a registered dataset, listing those that are."""
     if name not in DatasetCatalog.list():
@@ -202,7 +236,9 @@ def require_registered(name: str) -> None:
         )
 
 
-def _load_one(name: str, *, is_train: bool, filter_empty: bool, missing_images: str) -> List[Dict]:
+def _load_one(
+    name: str, *, is_train: bool, filter_empty: bool, missing_images: str, require_masks: bool
+) -> List[Dict]:
     """Loads and checks one dataset (see ``load_checked_dataset_dicts``)."""
     require_registered(name)
     with explained_json_errors(name, is_train=is_train):
@@ -218,6 +254,8 @@ def _load_one(name: str, *, is_train: bool, filter_empty: bool, missing_images: 
     if not is_train:
         _check_test_images_open(name, dicts)
     _report_degenerate_boxes(name, dicts)
+    if require_masks:
+        _check_segmentations(name, dicts)
     return dicts
 
 
@@ -227,6 +265,7 @@ def load_checked_dataset_dicts(
     is_train: bool,
     filter_empty: bool = False,
     missing_images: str = "error",
+    require_masks: bool = False,
 ) -> List[Dict]:
     """
     Loads registered datasets with detectron2's ``get_detection_dataset_dicts`` (one dataset at
@@ -240,6 +279,9 @@ def load_checked_dataset_dicts(
         filter_empty: drop images without non-crowd annotations (as in detectron2).
         missing_images: what to do with images listed but missing on disk: "error" (raise
             ``FileNotFoundError`` listing them) or "drop" (remove them with a warning).
+        require_masks: every non-crowd annotation must have a "segmentation" (set it when the
+            train mapper has ``use_instance_mask``; a config can write
+            ``require_masks="${..mapper.use_instance_mask}"``).
 
     Returns:
         the dataset dicts of all ``names``.
@@ -252,7 +294,13 @@ def load_checked_dataset_dicts(
     if not names:
         raise ValueError("names must name at least one dataset, got an empty list")
     per_dataset = [
-        _load_one(name, is_train=is_train, filter_empty=filter_empty, missing_images=missing_images)
+        _load_one(
+            name,
+            is_train=is_train,
+            filter_empty=filter_empty,
+            missing_images=missing_images,
+            require_masks=bool(require_masks),
+        )
         for name in names
     ]
     if len(names) > 1 and all(hasattr(MetadataCatalog.get(n), "thing_classes") for n in names):
