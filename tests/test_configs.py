@@ -290,6 +290,26 @@ def test_objects365_pre_training_config(name):
     assert cfg.dataloader.test.dataset.names == "objects365_v2_val"
 
 
+def test_mask_config_follows_the_authors():
+    """The authors' mask config is their R50 config with a mask head on the RoI head and masks
+    in the training data; the test output stays the query head's."""
+    cfg = _load("co_deformable_detr/co_deformable_detr_mask_r50_1x_coco.py")
+    base = _load("co_deformable_detr/co_deformable_detr_r50_1x_coco.py")
+    rcnn = cfg.model.aux_heads[0]
+    assert rcnn.mask_on and "mask_loss_weight" not in rcnn  # 1 x lambda_2 x 6 decoder layers
+    assert cfg.dataloader.train.mapper.use_instance_mask
+    assert "use_instance_mask" not in cfg.dataloader.test.mapper
+    assert cfg.dataloader.evaluator.tasks is None  # bbox, and segm when the output has masks
+    assert cfg.model.eval_module == base.model.eval_module == "detr"
+    assert cfg.train.output_dir == cfg.dataloader.evaluator.output_dir
+    assert cfg.train.output_dir == "./output/co_deformable_detr_mask_r50_1x_coco"
+    # nothing else differs
+    del rcnn["mask_on"], cfg.dataloader.train.mapper["use_instance_mask"]
+    del cfg.dataloader.evaluator["tasks"]
+    cfg.train.output_dir = base.train.output_dir
+    assert LazyConfig.to_py(cfg) == LazyConfig.to_py(base)
+
+
 # the authors' models built by their code: `python tools/parameter_counts_official.py` (total,
 # inference without the auxiliary heads, positive-query projections and extra level)
 AUTHORS_PARAMETER_COUNTS = {
@@ -302,6 +322,9 @@ AUTHORS_PARAMETER_COUNTS = {
     "co_dino/co_dino_5scale_lsj_swin_large_16e_o365tolvis.py": (246123424, 220640309),
     "co_dino/co_dino_5scale_r50_1x_lvis.py": (75855660, 50372545),
     "co_dino/co_dino_5scale_lsj_r50_1x_lvis.py": (75855660, 50372545),
+    "co_deformable_detr/co_deformable_detr_r50_1x_coco.py": (65129894, 47594380),
+    # + the mask head of the Faster R-CNN auxiliary head (2,643,280)
+    "co_deformable_detr/co_deformable_detr_mask_r50_1x_coco.py": (67773174, 47594380),
 }
 # their frozen BatchNorm keeps its affine values as parameters, detectron2's FrozenBatchNorm2d as
 # buffers: 2 x 26560 channels in a ResNet-50

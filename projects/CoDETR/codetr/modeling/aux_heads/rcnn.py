@@ -4,12 +4,15 @@ The Faster R-CNN auxiliary head of Co-DETR, assembled from detectron2's RPN and 
 In training the head runs an RPN and a Fast R-CNN box branch on the encoder's per-level maps and
 returns their losses together with its one-to-many assignment: the RoIs it sampled, their
 assigned class and ground-truth box, and their RoI features averaged over the 7x7 grid. At test
-time (``eval_module="two-stage"``) it returns the box branch's detections.
+time (``eval_module="two-stage"``) it returns the box branch's detections. With ``mask_on`` a
+Mask R-CNN mask branch (detectron2's ``MaskRCNNConvUpsampleHead``) trains on the positive RoIs
+and, at test time, gives every detection a mask.
 
 :func:`build_rcnn_aux_head` configures the parts as the authors' Co-DETR configs (mmdet 2.x
-``RPNHead`` + ``CoStandardRoIHead`` with ``Shared2FCBBoxHead``). Inference follows the authors'
-computation; training follows detectron2's matching, sampling and loss normalisation, which
-differs from mmdet's in details listed in :class:`RCNNAuxHead`.
+``RPNHead`` + ``CoStandardRoIHead`` with ``Shared2FCBBoxHead``, and ``FCNMaskHead`` for the
+mask branch). Inference follows the authors' computation; training follows the authors'
+matching, sampling and loss normalisation by default, with differences listed in
+:class:`RCNNAuxHead` (box branch) and :class:`RCNNAuxROIHeads` (mask branch).
 """
 
 import math
@@ -22,7 +25,13 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
-from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers, StandardROIHeads
+from detectron2.modeling.roi_heads import (
+    FastRCNNConvFCHead,
+    FastRCNNOutputLayers,
+    MaskRCNNConvUpsampleHead,
+    StandardROIHeads,
+    select_foreground_proposals,
+)
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
@@ -32,7 +41,13 @@ from codetr.modeling.aux_heads.anchors import RatioMajorAnchorGenerator, valid_a
 from codetr.modeling.aux_heads.base import AssignedCoords
 from codetr.modeling.aux_heads.sampling import LowQualityMatcher, sample_in_order
 
-__all__ = ["RCNNAuxRPN", "RCNNAuxROIHeads", "RCNNAuxHead", "build_rcnn_aux_head"]
+__all__ = [
+    "RCNNAuxRPN",
+    "RCNNAuxROIHeads",
+    "RCNNAuxHead",
+    "build_rcnn_aux_head",
+    "check_gt_masks",
+]
 
 TRAINING_CONVENTIONS = ("authors", "detectron2")
 
@@ -191,20 +206,54 @@ class RCNNAuxRPN(RPN):
 
 class RCNNAuxROIHeads(StandardROIHeads):
     """
-    detectron2's :class:`StandardROIHeads` (box branch only) whose training pass also stores, on
-    every sampled proposal, its pooled RoI feature averaged over the pooler's output grid.
+    detectron2's :class:`StandardROIHeads` (box branch, optional mask branch) whose training pass
+    also stores, on every sampled proposal, its pooled RoI feature averaged over the pooler's
+    output grid.
 
     In training, ``forward`` returns the sampled proposals, each ``Instances`` carrying
     ``proposal_boxes``, ``gt_classes`` (``num_classes`` for background), ``gt_boxes`` (only when
     the image has ground truth; detectron2 leaves the field out otherwise) and
     ``pooled_features`` (R, C); the features are the ones the box head consumed, so the RoIs are
-    pooled once. Mask and keypoint branches and ``train_on_pred_boxes`` are not supported.
+    pooled once. The keypoint branch and ``train_on_pred_boxes`` are not supported.
 
     With ``sample_as_authors`` (mmdet's ``RandomSampler`` with ground truth added as
     proposals), the ground-truth boxes are put before the proposals and each is matched to its
     own ground truth (detectron2: after them, matched by IoU), and the RoIs are sampled by
     :func:`sample_in_order` (purpose ``"roi"``): positives then negatives, each in increasing
-    order of that list.
+    order of that list. The sampled proposals then also carry ``gt_indices`` (the index of the
+    matched ground truth in the image's targets, when the image has ground truth), from which
+    the mask branch takes the masks of the positives only.
+
+    Mask branch (``mask_in_features`` / ``mask_pooler`` / ``mask_head`` of
+    :class:`StandardROIHeads`; :func:`build_rcnn_aux_head` with ``mask_on``): trained on the
+    positive sampled RoIs (:func:`select_foreground_proposals`) with detectron2's
+    ``mask_rcnn_loss``, at test time run on the detections (``pred_masks``: (R, 1, M, M)
+    probabilities of the predicted class). Training needs ``gt_masks`` on every target that has
+    instances. Compared with the authors' mmdet ``FCNMaskHead`` (``mask_size=28``):
+
+    * Loss: the same, binary cross-entropy with logits on the ground-truth class's channel,
+      averaged over RoIs x 28 x 28 (``loss_mask``); without positive RoIs in the batch it is 0,
+      connected to the mask head's output (mmdet: the sum of the empty prediction).
+    * Targets: detectron2's ``gt_masks.crop_and_resize(proposal_boxes, 28)``. For ``BitMasks``
+      (mapper ``instance_mask_format="bitmask"``) this is mmdet's ``BitmapMasks`` computation:
+      aligned RoIAlign (adaptive sampling) of the image-sized bitmap, then ``>= 0.5``. For
+      ``PolygonMasks`` (detectron2's default format) the polygons are rasterised inside each RoI
+      at 28 x 28, as mmdet's ``PolygonMasks``; the authors' pipeline (``LoadAnnotations`` with
+      ``poly2mask=True``) gives bitmaps, so with polygons the targets differ from theirs at the
+      mask border. Either way the masks follow the image's resize differently: mmdet resizes the
+      bitmap (nearest neighbour), detectron2 transforms the polygons and rasterises them at the
+      new size.
+    * mmdet clips the RoIs to the mask's extent before computing the targets (not before
+      pooling); here they are not clipped, which is the same, since every sampled RoI lies in
+      the image (proposals are clipped to it, ground-truth boxes by the data mapper).
+    * Initialisation: the 3x3 convs and the deconvolution as mmdet (Kaiming normal, fan-out;
+      detectron2's ``c2_msra_fill``); the 1x1 predictor too (:func:`build_rcnn_aux_head`
+      re-initialises it; detectron2's default is a normal of std 0.001).
+    * Test: detectron2's ``detector_postprocess`` pastes the 28 x 28 probabilities into the
+      image (bilinear, as mmdet's ``_do_paste_mask``) and keeps ``>= 0.5`` (the authors'
+      ``mask_thr_binary``).
+    * detectron2 also logs the mask accuracy and false positive / negative rates to the event
+      storage.
     """
 
     def __init__(self, *, sample_as_authors: bool, test_soft_nms: bool = False, **kwargs):
@@ -253,6 +302,7 @@ class RCNNAuxROIHeads(StandardROIHeads):
             rois.gt_classes = labels[indices]
             if num_gt > 0:
                 rois.gt_boxes = gt_boxes[matches[indices]]
+                rois.gt_indices = matches[indices]
             sampled.append(rois)
             num_foreground.append(positive.numel())
             num_background.append(negative.numel())
@@ -260,6 +310,42 @@ class RCNNAuxROIHeads(StandardROIHeads):
         storage.put_scalar("roi_head/num_fg_samples", sum(num_foreground) / len(sampled))
         storage.put_scalar("roi_head/num_bg_samples", sum(num_background) / len(sampled))
         return sampled
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ) -> Tuple[List[Instances], Dict[str, Tensor]]:
+        """
+        As :meth:`StandardROIHeads.forward`; in training, the mask branch (when on) gets the
+        positive RoIs with the ground-truth masks of their matches.
+        """
+        if not self.training:
+            return super().forward(images, features, proposals)
+        if not targets:
+            raise ValueError("RCNNAuxROIHeads needs targets in training")
+        if self.mask_on:
+            check_gt_masks(targets)
+        sampled = self.label_and_sample_proposals(proposals, targets)
+        losses = self._forward_box(features, sampled)
+        if self.mask_on:
+            foreground = self._foreground_with_masks(sampled, targets)
+            losses.update(self._forward_mask(features, foreground))
+        return sampled, losses
+
+    def _foreground_with_masks(
+        self, sampled: List[Instances], targets: List[Instances]
+    ) -> List[Instances]:
+        """Per image, the positive sampled RoIs with ``gt_masks``: detectron2's sampling copies
+        the masks onto every sampled RoI, the authors' sampling (``gt_indices``) here onto the
+        positives only."""
+        foreground, _ = select_foreground_proposals(sampled, self.num_classes)
+        for rois, targets_per_image in zip(foreground, targets):
+            if len(rois) > 0 and not rois.has("gt_masks"):
+                rois.gt_masks = targets_per_image.gt_masks[rois.gt_indices]
+        return foreground
 
     def _forward_box(self, features: Dict[str, Tensor], proposals: List[Instances]):
         box_features = self.box_pooler(
@@ -321,6 +407,21 @@ class RCNNAuxROIHeads(StandardROIHeads):
         return results
 
 
+def check_gt_masks(gt_instances: List[Instances]) -> None:
+    """
+    Raises ``ValueError`` if an image with instances has no ``gt_masks`` (images without
+    instances need none: detectron2's ``annotations_to_instances`` adds no masks to them).
+    """
+    missing = [i for i, gt in enumerate(gt_instances) if len(gt) > 0 and not gt.has("gt_masks")]
+    if missing:
+        raise ValueError(
+            f"The Mask R-CNN auxiliary head (mask_on=True) trains on gt_masks, but the training "
+            f"Instances of batch image(s) {missing} have none: the data mapper must be built with "
+            f"masks (DetrDatasetMapper(use_instance_mask=True); in a config "
+            f"dataloader.train.mapper.use_instance_mask=True)"
+        )
+
+
 class RCNNAuxHead(nn.Module):
     """
     RPN + Fast R-CNN box branch used as a Co-DETR auxiliary head.
@@ -331,8 +432,12 @@ class RCNNAuxHead(nn.Module):
     authors' ``CoStandardRoIHead``, every image keeps only its first ``n`` sampled RoIs, ``n``
     being the smallest number of RoIs sampled for an image of the batch.
 
+    With the mask branch (``mask_on`` of :func:`build_rcnn_aux_head`) training also returns
+    ``loss_mask`` and needs ``gt_masks`` on the ground truth (see :class:`RCNNAuxROIHeads`).
+
     Test: :meth:`inference` returns per image ``Instances`` with ``pred_boxes`` (XYXY in the
-    input-image frame, clipped to ``images.image_sizes``), ``scores`` and ``pred_classes``.
+    input-image frame, clipped to ``images.image_sizes``), ``scores``, ``pred_classes`` and, with
+    the mask branch, ``pred_masks``.
     Proposals are clipped to ``images.image_sizes`` too; for LSJ-style inputs the authors clip to
     the padded batch size, so pass an ``ImageList`` whose ``image_sizes`` are the padded size.
 
@@ -375,11 +480,13 @@ class RCNNAuxHead(nn.Module):
         Args:
             features: per-level maps, each (B, C, H_l, W_l).
             images: the batch; ``image_sizes`` clip the proposals.
-            gt_instances: B ``Instances`` with ``gt_boxes`` (absolute XYXY) and ``gt_classes``;
-                may be empty.
+            gt_instances: B ``Instances`` with ``gt_boxes`` (absolute XYXY) and ``gt_classes``,
+                and with the mask branch ``gt_masks`` (detectron2 ``PolygonMasks`` or
+                ``BitMasks``; images without instances need none); may be empty.
 
         Returns:
-            losses: ``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``.
+            losses: ``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``, and
+                ``loss_mask`` with the mask branch.
             assignments: per image, ``boxes`` (N, 4) sampled RoIs, ``labels`` (N,) their class
                 (``num_classes`` for background), ``target_boxes`` (N, 4) their ground-truth box
                 (zeros for background) and ``features`` (N, C) their mean-pooled RoI features.
@@ -420,7 +527,10 @@ class RCNNAuxHead(nn.Module):
             images: the batch; ``image_sizes`` clip proposals and detections.
 
         Returns:
-            B ``Instances`` with ``pred_boxes`` (absolute XYXY), ``scores`` and ``pred_classes``.
+            B ``Instances`` with ``pred_boxes`` (absolute XYXY), ``scores`` and ``pred_classes``;
+            with the mask branch also ``pred_masks`` (R, 1, 28, 28), the probabilities of the
+            predicted class inside the box, which detectron2's ``detector_postprocess`` pastes
+            into the image and thresholds at 0.5 ((R, H, W) bool).
             The branch runs in float32 also inside an autocast region (the features are cast):
             it is cheap next to the encoder, and its proposals, NMS and scores stay exact.
         """
@@ -463,6 +573,8 @@ def build_rcnn_aux_head(
     test_topk_per_image: int = 100,
     test_soft_nms: bool = False,
     training_conventions: str = "authors",
+    mask_on: bool = False,
+    mask_loss_weight: float = 1.0,
 ) -> RCNNAuxHead:
     """
     Builds the Faster R-CNN auxiliary head with the settings of the authors' configs.
@@ -474,7 +586,10 @@ def build_rcnn_aux_head(
     (weights 1, 1, 1, 1); NMS per level. RoI head: 7x7 aligned RoIAlign (adaptive sampling) on the first
     ``num_roi_levels`` levels; two FC layers of ``fc_dim``; class-specific regression with weights (10, 10, 5, 5) trained with GIoU
     on the decoded boxes; IoU matching at 0.5 without low-quality matches; 512 RoIs sampled at
-    0.25 positive, ground-truth boxes added as proposals.
+    0.25 positive, ground-truth boxes added as proposals. Mask branch (``mask_on``, the authors'
+    ``FCNMaskHead``): 14x14 RoIAlign as the box pooler's (same levels and level mapping), four 3x3
+    convs of the input width, a 2x2 stride-2 deconvolution, a 1x1 class-specific predictor:
+    28x28 masks.
 
     Args:
         input_shape: channels and stride of every level; all levels share the channel count.
@@ -508,6 +623,9 @@ def build_rcnn_aux_head(
         training_conventions: ``"authors"`` trains as the authors' mmdet code (matching,
             sampling, anchors assigned and normalisers of :class:`RCNNAuxHead`), ``"detectron2"``
             as detectron2's ``RPN`` and ``StandardROIHeads``.
+        mask_on: add the mask branch (training then needs ``gt_masks``; see
+            :class:`RCNNAuxROIHeads` for its differences from the authors' ``FCNMaskHead``).
+        mask_loss_weight: weight of ``loss_mask``.
     """
     if training_conventions not in TRAINING_CONVENTIONS:
         raise ValueError(
@@ -579,14 +697,15 @@ def build_rcnn_aux_head(
     # detectron2 maps a box to level floor(canonical_level + log2(sqrt(area) / canonical_size));
     # with canonical_size = finest_scale placed on the first RoI level this is mmdet's mapping
     # floor(log2(sqrt(area) / finest_scale)) counted from the first RoI level.
-    box_pooler = ROIPooler(
-        output_size=pooler_resolution,
+    # (the mask branch pools the same levels with the same mapping, as the authors' configs)
+    roi_levels = dict(
         scales=[1.0 / s for s in roi_strides],
         sampling_ratio=0,
         pooler_type="ROIAlignV2",
         canonical_box_size=finest_scale,
         canonical_level=round(math.log2(roi_strides[0])),
     )
+    box_pooler = ROIPooler(output_size=pooler_resolution, **roi_levels)
     box_head = FastRCNNConvFCHead(
         ShapeSpec(channels=in_channels, height=pooler_resolution, width=pooler_resolution),
         conv_dims=[in_channels] * num_box_head_convs,
@@ -604,7 +723,25 @@ def build_rcnn_aux_head(
         box_reg_loss_type="giou",
         loss_weight={"loss_cls": cls_loss_weight, "loss_box_reg": giou_loss_weight},
     )
+    mask_branch = {}
+    if mask_on:
+        mask_resolution = 14
+        mask_head = MaskRCNNConvUpsampleHead(
+            ShapeSpec(channels=in_channels, height=mask_resolution, width=mask_resolution),
+            num_classes=num_classes,
+            conv_dims=[in_channels] * 5,  # four 3x3 convs, then the deconvolution
+            loss_weight=mask_loss_weight,
+        )
+        # mmdet's initialisation of the predictor (detectron2's: normal, std 0.001)
+        nn.init.kaiming_normal_(mask_head.predictor.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(mask_head.predictor.bias)
+        mask_branch = dict(
+            mask_in_features=roi_in_features,
+            mask_pooler=ROIPooler(output_size=mask_resolution, **roi_levels),
+            mask_head=mask_head,
+        )
     roi_heads = RCNNAuxROIHeads(
+        **mask_branch,
         sample_as_authors=as_authors,
         test_soft_nms=test_soft_nms,
         num_classes=num_classes,
