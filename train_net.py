@@ -43,6 +43,7 @@ from codetr.data import register_objects365  # noqa: E402
 from codetr.engine import (  # noqa: E402
     AtomicCheckpointer,
     LazyConfigTrainer,
+    check_training_masks,
     flush_denormals,
     load_lazy_config,
     min_loaded_shares,
@@ -117,7 +118,9 @@ def invoke_main(argv: Optional[List[str]] = None) -> None:
         parser.error("--config-file is required")
     # A bad config path, override key or dataset fails here once, not in every worker.
     register_datasets(args.register_coco)
-    load_lazy_config(args.config_file, args.opts or [])
+    cfg = load_lazy_config(args.config_file, args.opts or [])
+    if not args.eval_only:
+        check_training_masks(cfg)
     launch(
         main,
         args.num_gpus,

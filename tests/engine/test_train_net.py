@@ -193,6 +193,31 @@ class TestTrainNet(unittest.TestCase):
             train_net.invoke_main(["--config-file", TOY_CONFIG, "train.max_iterations=3"])
         with self.assertRaisesRegex(ValueError, "train.init_checkpoint=PATH"):
             demo.main(["--config-file", TOY_CONFIG, "--input", self.tmp, "--output", self.tmp])
+        # a model that trains on masks, data without: stopped before any worker starts
+        co_dino_toy = os.path.join(os.path.dirname(TOY_CONFIG), "co_dino_toy.py")
+        with mock.patch.object(train_net, "launch") as launch:
+            with self.assertRaisesRegex(
+                ValueError,
+                r"model.aux_heads.0.mask_on train\(s\) on instance masks.*"
+                r"dataloader.train.mapper.use_instance_mask=True",
+            ):
+                train_net.invoke_main(
+                    ["--config-file", co_dino_toy, "model.aux_heads.0.mask_on=True"]
+                )
+            launch.assert_not_called()
+            # evaluation needs no training masks; with them, training starts
+            train_net.invoke_main(
+                ["--config-file", co_dino_toy, "--eval-only", "model.aux_heads.0.mask_on=True"]
+            )
+            train_net.invoke_main(
+                [
+                    "--config-file",
+                    co_dino_toy,
+                    "model.aux_heads.0.mask_on=True",
+                    "dataloader.train.mapper.use_instance_mask=True",
+                ]
+            )
+            self.assertEqual(launch.call_count, 2)
 
 
 class TestMultiProcessCPU(unittest.TestCase):

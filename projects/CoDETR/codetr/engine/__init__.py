@@ -8,7 +8,7 @@ from .checkpointer import (
     atomic_write,
     min_loaded_shares,
 )
-from .config import LazyPartial, load_lazy_config, sync_num_classes
+from .config import LazyPartial, check_training_masks, load_lazy_config, sync_num_classes
 from .cpu_runtime import flush_denormals, reuse_freed_memory
 from .device import amp_precision, autocast_to, default_device, inference_precision, train_device
 from .ema import EMA_WEIGHTS_KEY, ModelEMA, ModelEMAHook, model_ema_enabled
@@ -38,6 +38,7 @@ __all__ = [
     "drop_metrics_from",
     "flush_denormals",
     "inference_precision",
+    "check_training_masks",
     "load_lazy_config",
     "lr_factor",
     "min_loaded_shares",

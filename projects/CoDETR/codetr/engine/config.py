@@ -10,7 +10,7 @@ import functools
 import inspect
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, List, Sequence
 
 from detectron2.config import LazyCall, LazyConfig
 from detectron2.utils.registry import locate
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from codetr.data import thing_class_count
 
-__all__ = ["LazyPartial", "load_lazy_config", "sync_num_classes"]
+__all__ = ["LazyPartial", "check_training_masks", "load_lazy_config", "sync_num_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictCon
     Args:
         config_file: path of a ``.py`` (or saved ``.yaml``) LazyConfig.
         overrides: ``"a.b=value"`` strings (hydra override grammar). A key must exist in
-            the config; ``"+a.b=value"`` adds a new key.
+            the config, or be a named argument of the class or function of a ``LazyCall`` /
+            ``LazyPartial`` entry (``model.aux_heads.0.mask_on``); ``"+a.b=value"`` adds
+            any new key.
 
     Returns:
         the config.
@@ -66,6 +68,8 @@ def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> str
 
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    if leaf in _call_arguments(parent):
+        return key  # an argument of the entry's class or function that the config leaves out
     hint = ""
     if isinstance(parent, DictConfig):
         prefix = f"{parent_key}." if parent_key else ""
@@ -76,6 +80,23 @@ def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> str
         f"Override {override!r}: the config {config_file!r} has no key {key!r}.{hint} "
         f"Write '+{key}=...' to add a new key."
     )
+
+
+def _call_arguments(node: Any) -> List[str]:
+    """The named arguments of the callable of a ``LazyCall`` / ``LazyPartial`` entry."""
+    if not isinstance(node, DictConfig):
+        return []
+    target = node.get("_partial_target_", node.get("_target_"))
+    if target is None:
+        return []
+    if isinstance(target, str):
+        target = locate(target)
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in named]
 
 
 def _check_override_type(override: str, key: str, default: Any, value: Any) -> None:
@@ -122,6 +143,28 @@ def sync_num_classes(cfg: DictConfig, *, eval_only: bool = False) -> None:
             f"the number of thing_classes of {name!r}"
         )
         cfg.model.query_head.num_classes = count
+
+
+def check_training_masks(cfg: DictConfig) -> None:
+    """
+    Raises ``ValueError`` before training when the model trains on instance masks (an
+    auxiliary head with ``mask_on``, or a ``model.mask_branch``) but the training data mapper
+    gives none (``dataloader.train.mapper.use_instance_mask`` not set), instead of at the first
+    batch with objects.
+    """
+    needing = [
+        f"model.aux_heads.{index}.mask_on"
+        for index, head in enumerate(cfg.model.get("aux_heads") or [])
+        if head.get("mask_on")
+    ]
+    if cfg.model.get("mask_branch") is not None:
+        needing.append("model.mask_branch")
+    mapper = cfg.get("dataloader", {}).get("train", {}).get("mapper", {})
+    if needing and not mapper.get("use_instance_mask"):
+        raise ValueError(
+            f"{' and '.join(needing)} train(s) on instance masks, but the training data has "
+            f"none: set dataloader.train.mapper.use_instance_mask=True"
+        )
 
 
 class LazyPartial:
