@@ -1,6 +1,6 @@
 """
 The tiny ViT Co-DINO of ``tests/parity/tiny_co_dino_vit_official_*`` (made by
-``tools/tiny_vit_parity_official.py`` with the authors' code): the ViT-L Co-DINO of
+``tools/tiny_parity_official.py`` with the authors' code): the ViT-L Co-DINO of
 ``configs/models/co_dino_vit_l.py`` with every width and depth shrunk and its test settings
 kept, so that our model can be checked number for number against the authors' implementation.
 

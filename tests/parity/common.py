@@ -79,20 +79,27 @@ def per_class_detections(result: Instances, num_classes: int) -> List[Tensor]:
 class DetectionsMixin:
     def assert_same_detections(
         self, results: List[Instances], expected: List[List[Tensor]], what: str
-    ) -> None:
+    ) -> List[List[Tensor]]:
         """
         Same number per image and class; the same boxes and scores as sets: each of ours paired
         with one of theirs (the pairing of least total difference), every pair within 1e-4 of
         the largest box coordinate / score. (Not in score order: scores equal to ~1e-8 swap
         places between the two implementations.)
+
+        Returns:
+            per image, per class, the index into ``result[pred_classes == class]`` of ours
+            paired with each of theirs, (n,) int64.
         """
         self.assertEqual(len(results), len(expected))
+        pairings = []
         for image, (result, reference) in enumerate(zip(results, expected)):
             self.assertGreater(sum(len(r) for r in reference), 0)
             ours = per_class_detections(result, len(reference))
+            pairings.append([])
             for label, (mine, theirs) in enumerate(zip(ours, reference)):
                 name = f"{what} image {image} class {label}"
                 self.assertEqual(len(mine), len(theirs), name)
+                ours_for_theirs = torch.zeros(len(theirs), dtype=torch.long)
                 if len(theirs):
                     box_scale = theirs[:, :4].abs().max().clamp(min=1e-12)
                     score_scale = theirs[:, 4].abs().max().clamp(min=1e-12)
@@ -105,6 +112,9 @@ class DetectionsMixin:
                     self.assertLessEqual(
                         worst, RELATIVE_TOLERANCE, f"{name}: relative error {worst:.3g}"
                     )
+                    ours_for_theirs[torch.from_numpy(columns)] = torch.from_numpy(rows)
+                pairings[-1].append(ours_for_theirs)
+        return pairings
 
 
 def load_converted_model(config: DictConfig, checkpoint: str, with_aux_heads: bool):

@@ -1,6 +1,6 @@
 """
 Number-for-number parity of our ViT Co-DINO with the authors' implementation: the tiny ViT
-Co-DINO made with their code by ``tools/tiny_vit_parity_official.py`` (their ViT-L COCO model
+Co-DINO made with their code by ``tools/tiny_parity_official.py`` (their ViT-L COCO model
 shrunk, their test settings), its checkpoint converted with our converter, must reproduce
 their outputs on the two parity images (RGB, normalised, zero-padded at the bottom / right to
 a multiple of 32, no resize) to 1e-4 relative, for every eval_module.

@@ -55,6 +55,8 @@ Auxiliary parts (converted only with ``keep_aux``):
   box_predictor.bbox_pred}.*``
 - ``roi_head.j.bbox_head.shared_convs.i.conv.weight`` / ``.gn.*`` (ConvFCBBoxHead, ViT-L) ->
   ``aux_heads.r.roi_heads.box_head.conv{i + 1}.weight`` / ``.norm.*``
+- ``roi_head.j.mask_head.{convs.i.conv,upsample,conv_logits}.*`` (FCNMaskHead) ->
+  ``aux_heads.r.roi_heads.mask_head.{mask_fcn{i + 1},deconv,predictor}.*``
 - ``bbox_head.j.{cls_convs,reg_convs}.i.conv.weight`` / ``.gn.*`` ->
   ``aux_heads.a.{cls_tower,bbox_tower}.i.weight`` / ``.norm.*``
 - ``bbox_head.j.{atss_cls,atss_reg,atss_centerness,scales.l}.*`` ->
@@ -173,6 +175,12 @@ _SHARED_RULES: List[Tuple[str, str]] = [
      "aux_heads.{rcnn}.roi_heads.box_predictor.cls_score.{param}"),
     (r"roi_head\.(?P<rcnn>\d+)\.bbox_head\.fc_reg\." + _PARAM,
      "aux_heads.{rcnn}.roi_heads.box_predictor.bbox_pred.{param}"),
+    (r"roi_head\.(?P<rcnn>\d+)\.mask_head\.convs\.(?P<conv>\d+)\.conv\." + _PARAM,
+     "aux_heads.{rcnn}.roi_heads.mask_head.mask_fcn{conv1}.{param}"),
+    (r"roi_head\.(?P<rcnn>\d+)\.mask_head\.upsample\." + _PARAM,
+     "aux_heads.{rcnn}.roi_heads.mask_head.deconv.{param}"),
+    (r"roi_head\.(?P<rcnn>\d+)\.mask_head\.conv_logits\." + _PARAM,
+     "aux_heads.{rcnn}.roi_heads.mask_head.predictor.{param}"),
     (r"bbox_head\.(?P<atss>\d+)\.cls_convs\.(?P<i>\d+)\.conv\.weight",
      "aux_heads.{atss}.cls_tower.{i}.weight"),
     (r"bbox_head\.(?P<atss>\d+)\.cls_convs\.(?P<i>\d+)\.gn\." + _PARAM,
