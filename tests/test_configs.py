@@ -310,6 +310,51 @@ def test_mask_config_follows_the_authors():
     assert LazyConfig.to_py(cfg) == LazyConfig.to_py(base)
 
 
+@pytest.mark.parametrize(
+    "name, base, mask_loss_weight",
+    [
+        (
+            "co_dino/co_dino_5scale_r50_1x_coco_instance.py",
+            "co_dino/co_dino_5scale_r50_1x_coco.py",
+            1.33,
+        ),
+        (
+            "co_dino_vit/co_dino_5scale_vit_large_coco_instance.py",
+            "co_dino_vit/co_dino_5scale_vit_large_coco.py",
+            1.33,
+        ),
+        (
+            "co_dino_vit/co_dino_5scale_lsj_vit_large_lvis_instance.py",
+            "co_dino_vit/co_dino_5scale_lsj_vit_large_lvis.py",
+            1.0,
+        ),
+    ],
+)
+def test_instance_configs_add_the_mask_branch_and_masks_only(name, base, mask_loss_weight):
+    """Co-DINO-Inst configs: their box config with the query head's mask branch (the authors'
+    mask loss weight; everything else the builder's defaults), masks in the training data and
+    an evaluator that reads its tasks from the predictions; LVIS also copy-pastes (bitmasks)."""
+    cfg, base_cfg = _load(name), _load(base)
+    assert "mask_branch" not in base_cfg.model
+    branch = cfg.model.pop("mask_branch")
+    assert branch._partial_target_.endswith("mask_heads.query_mask_branch.build_query_mask_branch")
+    assert {k for k in branch if k != "_target_"} == {"_partial_target_", "mask_loss_weight"}
+    assert branch.mask_loss_weight == mask_loss_weight
+    assert cfg.model.eval_module == "detr"
+    mapper = cfg.dataloader.train.mapper
+    if "lvis" in name:
+        assert cfg.dataloader.train.dataset.pop("require_masks") is True  # from the mapper
+        assert mapper.pop("instance_mask_format") == "bitmask"
+        assert mapper.pop("copy_paste").max_num_pasted == 100
+    assert mapper.pop("use_instance_mask") is True
+    assert "use_instance_mask" not in cfg.dataloader.test.mapper
+    assert cfg.dataloader.evaluator.pop("tasks") is None
+    assert cfg.train.output_dir == "./output/" + name.split("/")[1][: -len(".py")]
+    assert cfg.dataloader.evaluator.output_dir == cfg.train.output_dir
+    cfg.train.output_dir = base_cfg.train.output_dir
+    assert LazyConfig.to_py(cfg) == LazyConfig.to_py(base_cfg)
+
+
 # the authors' models built by their code: `python tools/parameter_counts_official.py` (total,
 # inference without the auxiliary heads, positive-query projections and extra level)
 AUTHORS_PARAMETER_COUNTS = {
@@ -325,6 +370,12 @@ AUTHORS_PARAMETER_COUNTS = {
     "co_deformable_detr/co_deformable_detr_r50_1x_coco.py": (65129894, 47594380),
     # + the mask head of the Faster R-CNN auxiliary head (2,643,280)
     "co_deformable_detr/co_deformable_detr_mask_r50_1x_coco.py": (67773174, 47594380),
+    # + the query head's mask branch (COCO 18,659,262; LVIS 20,316,810), used at inference too
+    "co_dino_vit/co_dino_5scale_vit_large_coco_instance.py": (384026919, 365899850),
+    "co_dino_vit/co_dino_5scale_lsj_vit_large_lvis_instance.py": (395194678, 369711563),
+    # the authors published no config: theirs is their R50 config with the mask parts of their
+    # ViT-L COCO instance config
+    "co_dino/co_dino_5scale_r50_1x_coco_instance.py": (83863267, 66724042),
 }
 # their frozen BatchNorm keeps its affine values as parameters, detectron2's FrozenBatchNorm2d as
 # buffers: 2 x 26560 channels in a ResNet-50

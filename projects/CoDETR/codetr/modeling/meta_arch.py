@@ -2,7 +2,8 @@
 CoDETR: a DETR query detector trained with collaborative hybrid assignments.
 
 backbone -> neck -> query head (encoder, decoder); in training only, auxiliary one-to-many
-heads on the encoder memory and, from their positives, extra decoder queries.
+heads on the encoder memory and, from their positives, extra decoder queries. Optionally
+(Co-DINO-Inst) a mask branch on the query head's boxes.
 """
 
 import math
@@ -42,6 +43,13 @@ class CoDETR(nn.Module):
         positive_queries: builder of the customized positive queries made from the auxiliary
             heads' assignments, called as ``build(num_heads=..., embed_dim=...,
             num_classes=...)``; None (or no auxiliary heads) switches them off.
+        mask_branch: builder of the query head's mask branch (Co-DINO-Inst, see
+            ``mask_heads/query_mask_branch.py``), called as ``build(input_shape=...,
+            num_classes=..., num_proposals=...)`` with the encoder memory's levels, the query
+            head's class count and its ``max_detections``. It trains on the last decoder
+            layer's boxes, its losses weighted like the auxiliary heads' (lambda_2 x decoder
+            layers, as the authors' configs), and gives the test output of ``eval_module``
+            "detr" masks. None: no masks (the default).
         lambda_1: weight of the positive queries' losses (the paper's lambda_1).
         lambda_2: weight of the auxiliary heads' losses (the paper's lambda_2). As in the
             paper's sum over decoder layers, these losses are added once per decoder layer:
@@ -62,6 +70,7 @@ class CoDETR(nn.Module):
         query_head: QueryHeadBase,
         aux_heads: Sequence[Callable[..., nn.Module]] = (),
         positive_queries: Optional[Callable[..., PositiveQueryBuilder]] = None,
+        mask_branch: Optional[Callable[..., nn.Module]] = None,
         lambda_1: float = 1.0,
         lambda_2: float = 2.0,
         eval_module: str = "detr",
@@ -93,15 +102,17 @@ class CoDETR(nn.Module):
         }
         self.aux_feature_names = list(aux_input_shape)
         built = [
-            type(b).__name__ for b in [*aux_heads, positive_queries] if isinstance(b, nn.Module)
+            type(b).__name__
+            for b in [*aux_heads, positive_queries, mask_branch]
+            if isinstance(b, nn.Module)
         ]
         if built:
             raise TypeError(
-                f"CoDETR builds its auxiliary heads and positive queries itself, from the shapes "
-                f"it derives, but got built modules {built}: write them in a config as "
-                f"LazyPartial(Class)(...) (codetr.engine.LazyPartial) instead of L(Class)(...), "
-                f"without input_shape / num_heads / embed_dim / num_classes (functools.partial "
-                f"in Python)"
+                f"CoDETR builds its auxiliary heads, positive queries and mask branch itself, "
+                f"from the shapes it derives, but got built modules {built}: write them in a "
+                f"config as LazyPartial(Class)(...) (codetr.engine.LazyPartial) instead of "
+                f"L(Class)(...), without input_shape / num_heads / embed_dim / num_classes "
+                f"(functools.partial in Python)"
             )
         num_classes = query_head.num_classes
         self.aux_heads = nn.ModuleList(
@@ -110,6 +121,17 @@ class CoDETR(nn.Module):
         self.positive_queries = (
             positive_queries(num_heads=len(aux_heads), embed_dim=channels, num_classes=num_classes)
             if positive_queries is not None and aux_heads
+            else None
+        )
+        # the mask branch reads the encoder memory's levels (no downsampled one)
+        self.level_names = list(levels)
+        self.mask_branch = (
+            mask_branch(
+                input_shape=dict(levels),
+                num_classes=num_classes,
+                num_proposals=query_head.max_detections,
+            )
+            if mask_branch is not None
             else None
         )
         self.lambda_1 = lambda_1
@@ -216,12 +238,18 @@ class CoDETR(nn.Module):
         maps.append(self.aux_extra_level(maps[-1]))
         return dict(zip(self.aux_feature_names, maps))
 
+    def memory_maps(self, memory: MultiLevelSequence) -> Dict[str, Tensor]:
+        """The encoder memory as per-level maps named as the neck's levels: the input of the
+        mask branch."""
+        return dict(zip(self.level_names, memory.to_maps()))
+
     # ----------------------------------------------------------------------------- forward
     def forward(self, batched_inputs: List[Dict]):
         """
         Args:
             batched_inputs: detectron2 dataset-mapper dicts with "image" (C, H, W) and, in
-                training, "instances" (gt_boxes, gt_classes); "height" / "width" at test.
+                training, "instances" (gt_boxes, gt_classes; with the mask branch gt_masks
+                where there are objects); "height" / "width" at test.
         """
         if not self.training:
             return self.inference(batched_inputs)
@@ -232,7 +260,19 @@ class CoDETR(nn.Module):
 
         # 1-2. backbone -> neck -> encoder; denoising and matching queries through the decoder
         memory = self.encode(images)
-        losses = self.query_head.losses(memory, targets)
+        if self.mask_branch is None:
+            losses = self.query_head.losses(memory, targets)
+        else:
+            losses, outputs = self.query_head.losses(memory, targets, return_outputs=True)
+            # Co-DINO-Inst: masks for the last decoder layer's boxes that overlap an object
+            mask_losses = self.mask_branch.losses(
+                self.memory_maps(memory),
+                outputs,
+                box_normalizers,
+                images.image_sizes,
+                gt_instances,
+            )
+            losses.update({k: v * self.aux_loss_weight for k, v in mask_losses.items()})
         if not self.aux_heads:
             return losses
 
@@ -268,6 +308,8 @@ class CoDETR(nn.Module):
                 self.box_normalizers(images),
                 images.image_sizes,
             )
+            if self.mask_branch is not None:
+                results = self.mask_branch.inference(self.memory_maps(memory), results)
         else:
             aux_features = self.auxiliary_features(memory)
             results = self.aux_heads[self._eval_head_index].inference(aux_features, images)

@@ -5,7 +5,7 @@ selection (learned content, position embedding from the selected proposals), ite
 refinement, sigmoid focal loss; no denoising.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -71,17 +71,25 @@ class DeformableDETRHead(QueryHeadBase):
         return {"logits": logits, "boxes": boxes, "enc_logits": enc_logits, "enc_boxes": enc_boxes}
 
     def losses(
-        self, memory: MultiLevelSequence, targets: List[Dict[str, Tensor]]
-    ) -> Dict[str, Tensor]:
+        self,
+        memory: MultiLevelSequence,
+        targets: List[Dict[str, Tensor]],
+        *,
+        return_outputs: bool = False,
+    ) -> Union[Dict[str, Tensor], Tuple[Dict[str, Tensor], Dict[str, Tensor]]]:
         """
         Args:
             memory: the encoder memory.
             targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh,
                 "query_boxes", "box_normalizer"}: see :meth:`CoDETR.normalized_targets`.
+            return_outputs: also return the :meth:`decode` output the losses were computed
+                from (the mask branch takes its boxes).
         Returns:
             ``loss_*`` / ``d{i}.loss_*`` (decoder layers) and ``enc_loss_*`` (every encoder
-            proposal, matched to the ground truth as class 0: object / not object).
+            proposal, matched to the ground truth as class 0: object / not object); with
+            ``return_outputs``, (losses, outputs).
         """
         outputs = self.decode(memory)
         binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-        return self._matched_losses(outputs, targets, encoder_targets=binary_targets)
+        losses = self._matched_losses(outputs, targets, encoder_targets=binary_targets)
+        return (losses, outputs) if return_outputs else losses

@@ -5,7 +5,7 @@ proposals), contrastive denoising, and quality focal loss on every decoder layer
 proposals and the denoising groups.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -78,16 +78,23 @@ class DINOHead(QueryHeadBase):
         return outputs
 
     def losses(
-        self, memory: MultiLevelSequence, targets: List[Dict[str, Tensor]]
-    ) -> Dict[str, Tensor]:
+        self,
+        memory: MultiLevelSequence,
+        targets: List[Dict[str, Tensor]],
+        *,
+        return_outputs: bool = False,
+    ) -> Union[Dict[str, Tensor], Tuple[Dict[str, Tensor], Dict[str, Tensor]]]:
         """
         Args:
             memory: the encoder memory.
             targets: per image {"labels": (n,) int64, "boxes": (n, 4) normalised cxcywh,
                 "query_boxes", "box_normalizer"}: see :meth:`CoDETR.normalized_targets`.
+            return_outputs: also return the :meth:`decode` output the losses were computed
+                from (the mask branch takes its boxes).
         Returns:
             ``loss_*`` / ``d{i}.loss_*`` (decoder layers), ``enc_loss_*`` (encoder
-            proposals), ``dn_loss_*`` / ``d{i}.dn_loss_*`` (denoising groups).
+            proposals), ``dn_loss_*`` / ``d{i}.dn_loss_*`` (denoising groups); with
+            ``return_outputs``, (losses, outputs).
         """
         denoising = None
         if self.denoising is not None:
@@ -100,4 +107,4 @@ class DINOHead(QueryHeadBase):
                     outputs["dn_logits"], outputs["dn_boxes"], denoising, prefix="dn_"
                 )
             )
-        return losses
+        return (losses, outputs) if return_outputs else losses
