@@ -30,6 +30,16 @@ The models (:data:`MODELS`):
   on its RoI head at the tiny width (:func:`with_mask_head`: 14 x 14 RoIAlign, four 3 x 3 convs
   of 64 channels, deconvolution, 28 x 28 masks, binarised at 0.5). Inputs not padded beyond
   the batch (size divisor 1), as the parity outputs.
+- ``tiny_co_dino_inst``: the tiny Co-DINO R50 of the parity outputs (its config as built) with
+  the Co-DINO-Inst mask branch of the authors' ``co_dino_5scale_vit_large_coco_instance.py``
+  (``mask_roi_extractor``, ``mask_head``, ``mask_iou_head`` and the detector's train / test
+  settings of the branch, their second entries) grafted as it is there, at the tiny width
+  (:func:`shrink_query_mask_branch`): 14 x 14 RoIAlign on the five encoder levels, the
+  ``SimpleRefineMaskHead`` with its 1 instance and 2 semantic 3 x 3 convs (LN) of 64 channels
+  and its three fusion stages (64 -> 32 -> 16 -> 8 channels, dilations 1, 3, 5 with the global
+  average; masks of 14, 28, 56 and 112, the last class-agnostic), and the ``MaskIoUHead``
+  (2 LN convs of 64 channels, one FC of 128 instead of 1024, sigmoid scores); masks binarised
+  at 0.5. Inputs not padded beyond the batch (size divisor 1), as the parity outputs.
 
 Weights: the authors' construction and initialisation under ``--seed``, then every 1-D
 parameter (biases, norms) moved by N(0, 0.1) so that no ranking is decided by ties.
@@ -45,7 +55,16 @@ Written to ``--output-dir``, per model ``NAME``:
   ``one-stage`` / ``two-stage``: per image, per class, an (n, 5) tensor ``x1, y1, x2, y2,
   score`` in image pixels; with a mask head also ``two-stage-masks``: per image, per class,
   the n binary masks of those detections, each (H, W) mask flattened and bit-packed
-  (``numpy.packbits``) into an (n, ceil(H * W / 8)) uint8 tensor.
+  (``numpy.packbits``) into an (n, ceil(H * W / 8)) uint8 tensor. With the query head's mask
+  branch (Co-DINO-Inst), ``detr`` holds the query head's detections with the query head's
+  score (as the authors' bbox results), ``detr-masks`` their masks (packed as above) and
+  ``detr-mask-scores`` per image, per class, the (n,) mask scores of those detections (the
+  score times the MaskIoU head's predicted IoU of the mask's class, what the authors' segm
+  results carry), and ``detr-roi-masks`` the refined (S, S) masks of those detections in their
+  RoIs (S = 112, the mask head's output) binarised at 0.5 before they are pasted into the
+  image, bit-packed as the masks. The authors' ``simple_test_mask`` handles one image per call
+  only (it fails on a second): ``detr`` is run image by image, each image padded to the batch's
+  size as in a batch of two.
 """
 
 import argparse
@@ -150,6 +169,34 @@ def with_mask_head(model: Dict) -> Dict:
     return model
 
 
+QUERY_MASK_BRANCH = ("mask_roi_extractor", "mask_head", "mask_iou_head")
+
+
+def shrink_query_mask_branch(model: Dict) -> Dict:
+    """The Co-DINO-Inst mask branch grafted by :func:`_with_query_mask_branch` at the width of
+    the tiny model's encoder (the neck's channels), its MaskIoU FC narrowed to twice that."""
+    model = copy.deepcopy(model)
+    channels = model["neck"]["out_channels"]
+    num_classes = model["query_head"]["num_classes"]
+    model["mask_roi_extractor"]["out_channels"] = channels
+    mask_head = model["mask_head"]
+    mask_head.update(
+        conv_in_channels_instance=channels,
+        conv_in_channels_semantic=channels,
+        conv_out_channels_instance=channels,
+        conv_out_channels_semantic=channels,
+    )
+    stages = mask_head["stage_num_classes"]
+    mask_head["stage_num_classes"] = [num_classes] * (len(stages) - 1) + [stages[-1]]
+    model["mask_iou_head"].update(
+        in_channels=channels,
+        conv_out_channels=channels,
+        fc_out_channels=2 * channels,
+        num_classes=num_classes,
+    )
+    return model
+
+
 class TinyModel(NamedTuple):
     """Where a tiny model's config comes from and how its inputs are padded."""
 
@@ -177,6 +224,25 @@ def _parity_config(name: str) -> Callable[[argparse.Namespace], Dict]:
     return load
 
 
+def _with_query_mask_branch(
+    base_config: Callable[[argparse.Namespace], Dict], path: str
+) -> Callable[[argparse.Namespace], Dict]:
+    """``base_config`` with the query head's mask branch of the authors' config ``path`` as it
+    is there: its modules and the detector's train / test settings of the branch (the second
+    entry of ``train_cfg`` / ``test_cfg``, before those of the auxiliary heads)."""
+
+    def load(args: argparse.Namespace) -> Dict:
+        model = base_config(args)
+        source = _authors_config(path)(args)
+        for key in QUERY_MASK_BRANCH:
+            model[key] = copy.deepcopy(source[key])
+        for settings in ("train_cfg", "test_cfg"):
+            model[settings].insert(1, copy.deepcopy(source[settings][1]))
+        return model
+
+    return load
+
+
 MODELS = {
     "tiny_co_dino_vit": TinyModel(
         _authors_config("projects/configs/co_dino_vit/co_dino_5scale_vit_large_coco.py"),
@@ -185,6 +251,14 @@ MODELS = {
     ),
     "tiny_co_deformable_detr_mask": TinyModel(
         _parity_config("tiny_co_deformable_detr_r50_1x_coco"), with_mask_head, size_divisor=1
+    ),
+    "tiny_co_dino_inst": TinyModel(
+        _with_query_mask_branch(
+            _parity_config("tiny_co_dino_5scale_r50_1x_coco"),
+            "projects/configs/co_dino_vit/co_dino_5scale_vit_large_coco_instance.py",
+        ),
+        shrink_query_mask_branch,
+        size_divisor=1,
     ),
 }
 
@@ -259,6 +333,55 @@ def packed_masks(per_class: List) -> List[torch.Tensor]:
     ]
 
 
+def query_head_with_masks(
+    model: torch.nn.Module, batch: torch.Tensor, metas: List[Dict]
+) -> Dict[str, List[List[torch.Tensor]]]:
+    """
+    The authors' ``simple_test`` of eval_module "detr" with the query head's mask branch, one
+    image at a time, each padded to the batch's size (their ``simple_test_mask`` rebinds
+    ``det_bboxes`` / ``det_labels`` to the first image's in its loop over the images, and fails
+    on the second): ``detr`` (boxes and the query head's
+    scores), ``detr-masks``, ``detr-mask-scores`` (with the MaskIoU head) and ``detr-roi-masks``
+    (the refined masks their ``get_seg_masks`` is given, recorded on the way).
+    """
+    outputs: Dict[str, List] = {"detr": [], "detr-masks": [], "detr-roi-masks": []}
+    if hasattr(model, "mask_iou_head"):
+        outputs["detr-mask-scores"] = []
+    mask_head = model.mask_head
+    paste = mask_head.get_seg_masks
+    chunks = []  # per chunk of RoIs: their refined masks binarised at 0.5 and their labels
+
+    def recording_paste(mask_pred, det_bboxes, det_labels, *args):
+        chunks.append((mask_pred[:, 0].sigmoid() >= 0.5, det_labels))
+        return paste(mask_pred, det_bboxes, det_labels, *args)
+
+    mask_head.get_seg_masks = recording_paste
+    try:
+        for image, meta in enumerate(metas):
+            chunks.clear()
+            ((boxes, masks),) = model.simple_test(
+                batch[image : image + 1], copy.deepcopy([meta]), rescale=True
+            )
+            if "detr-mask-scores" in outputs:  # (masks, mask scores) per class
+                masks, mask_scores = masks
+                outputs["detr-mask-scores"].append(
+                    [torch.tensor(np.array(scores, dtype=np.float32)) for scores in mask_scores]
+                )
+            outputs["detr"].append(as_tensors(boxes))
+            outputs["detr-masks"].append(packed_masks(masks))
+            if chunks:
+                roi_masks = torch.cat([binary for binary, _ in chunks])
+                labels = torch.cat([classes for _, classes in chunks])
+            else:  # no detections
+                roi_masks, labels = torch.zeros(0, 0, 0, dtype=torch.bool), torch.zeros(0)
+            outputs["detr-roi-masks"].append(
+                packed_masks([list(roi_masks[labels == c].numpy()) for c in range(len(boxes))])
+            )
+    finally:
+        del mask_head.get_seg_masks  # the class's method again
+    return outputs
+
+
 def reference(model: torch.nn.Module, images_bgr: List[torch.Tensor], size_divisor: int) -> Dict:
     """What the authors' model computes on ``images_bgr`` (see the docstring of this file)."""
     batch, metas = authors_inputs(images_bgr, size_divisor)
@@ -278,6 +401,9 @@ def reference(model: torch.nn.Module, images_bgr: List[torch.Tensor], size_divis
         }
         for eval_module in ("detr", "one-stage", "two-stage"):
             model.eval_module = eval_module
+            if eval_module == "detr" and hasattr(model, "mask_head"):
+                outputs.update(query_head_with_masks(model, batch, metas))
+                continue
             results = model.simple_test(batch, copy.deepcopy(metas), rescale=True)
             if isinstance(results[0], tuple):  # (boxes, masks) per image
                 outputs[f"{eval_module}-masks"] = [packed_masks(masks) for _, masks in results]

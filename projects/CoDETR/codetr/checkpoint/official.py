@@ -62,6 +62,23 @@ Auxiliary parts (converted only with ``keep_aux``):
 - ``bbox_head.j.{atss_cls,atss_reg,atss_centerness,scales.l}.*`` ->
   ``aux_heads.a.{cls_score,bbox_pred,centerness,scales.l}.*``
 
+Co-DINO-Inst's mask branch (the top-level ``mask_head`` / ``mask_iou_head`` of the authors'
+``CoDETR``; ``M.`` = ``mask_branch.mask_head.``, ``I.`` = ``mask_branch.mask_iou_head.``; their
+``mask_roi_extractor`` has no parameters; see :mod:`codetr.modeling.mask_heads`):
+
+- ``mask_head.{instance,semantic}_convs.i.conv.weight`` / ``.norm_layer.*`` ->
+  ``M.{instance,semantic}_convs.i.weight`` / ``.norm.*``
+- ``mask_head.stages.j.{semantic_transform_in,fuse_conv.0,fuse_transform_out}.*`` ->
+  ``M.stages.j.{semantic_transform_in,fuse_in,fuse_out}.*``
+- ``mask_head.stages.j.fuse_conv.1.dilation_conv_d.conv.*`` / ``.merge_conv.conv.*`` ->
+  ``M.stages.j.fusion.dilation_convs.{d - 1}.*`` / ``.merge_conv.*``
+- ``mask_head.stage_instance_logits.j.*`` -> ``M.stage_instance_logits.j.*``
+- ``mask_iou_head.convs.i.conv.weight`` / ``.norm_layer.*`` -> ``I.convs.i.weight`` /
+  ``.norm.*``; ``mask_iou_head.{fcs.i,fc_mask_iou}.*`` -> ``I.{same}.*``
+
+A model without the mask branch (``mask_branch=None``), or without its MaskIoU head, reports
+these keys as unused.
+
 ``roi_head.j`` is our j-th "two-stage" auxiliary head ``r`` (``rpn_head`` goes to the first),
 ``bbox_head.j`` our j-th "one-stage" head ``a``. The authors number the positive-query branches
 RoI heads first, then dense heads; ``k'`` is the position of that head in our ``aux_heads``.
@@ -132,10 +149,13 @@ _T = r"query_head\.transformer\."
 _LAYER = _T + r"(?P<stack>encoder|decoder)\.layers\.(?P<i>\d+)\."
 _PARAM = r"(?P<param>\w+)"
 _NECK = r"neck\.(?P<kind>convs|extra_convs)\.(?P<i>\d+)\."
+_MASK = r"mask_head\."
+_STAGE = _MASK + r"stages\.(?P<j>\d+)\."
+_MASK_IOU = r"mask_iou_head\."
 
 # (authors' name pattern, our name template); templates are filled with the named groups, with
-# ``norm`` = the authors' norm index + 1, ``fc1`` = the authors' FC index + 1 and ``conv1`` =
-# the authors' conv index + 1
+# ``norm`` = the authors' norm index + 1, ``fc1`` = the authors' FC index + 1, ``conv1`` =
+# the authors' conv index + 1 and ``dilation0`` = the authors' (1-based) dilation conv - 1
 _SHARED_RULES: List[Tuple[str, str]] = [
     (_NECK + r"conv\.weight", "neck.{kind}.{i}.weight"),
     (_NECK + r"gn\." + _PARAM, "neck.{kind}.{i}.norm.{param}"),
@@ -181,6 +201,27 @@ _SHARED_RULES: List[Tuple[str, str]] = [
      "aux_heads.{rcnn}.roi_heads.mask_head.deconv.{param}"),
     (r"roi_head\.(?P<rcnn>\d+)\.mask_head\.conv_logits\." + _PARAM,
      "aux_heads.{rcnn}.roi_heads.mask_head.predictor.{param}"),
+    # Co-DINO-Inst's mask branch
+    (_MASK + r"(?P<branch>instance|semantic)_convs\.(?P<i>\d+)\.conv\.weight",
+     "mask_branch.mask_head.{branch}_convs.{i}.weight"),
+    (_MASK + r"(?P<branch>instance|semantic)_convs\.(?P<i>\d+)\.norm_layer\." + _PARAM,
+     "mask_branch.mask_head.{branch}_convs.{i}.norm.{param}"),
+    (_STAGE + r"semantic_transform_in\." + _PARAM,
+     "mask_branch.mask_head.stages.{j}.semantic_transform_in.{param}"),
+    (_STAGE + r"fuse_conv\.0\." + _PARAM, "mask_branch.mask_head.stages.{j}.fuse_in.{param}"),
+    (_STAGE + r"fuse_conv\.1\.dilation_conv_(?P<dilation>\d+)\.conv\." + _PARAM,
+     "mask_branch.mask_head.stages.{j}.fusion.dilation_convs.{dilation0}.{param}"),
+    (_STAGE + r"fuse_conv\.1\.merge_conv\.conv\." + _PARAM,
+     "mask_branch.mask_head.stages.{j}.fusion.merge_conv.{param}"),
+    (_STAGE + r"fuse_transform_out\." + _PARAM,
+     "mask_branch.mask_head.stages.{j}.fuse_out.{param}"),
+    (_MASK + r"stage_instance_logits\.(?P<j>\d+)\." + _PARAM,
+     "mask_branch.mask_head.stage_instance_logits.{j}.{param}"),
+    (_MASK_IOU + r"convs\.(?P<i>\d+)\.conv\.weight", "mask_branch.mask_iou_head.convs.{i}.weight"),
+    (_MASK_IOU + r"convs\.(?P<i>\d+)\.norm_layer\." + _PARAM,
+     "mask_branch.mask_iou_head.convs.{i}.norm.{param}"),
+    (_MASK_IOU + r"(?P<part>fcs\.\d+|fc_mask_iou)\." + _PARAM,
+     "mask_branch.mask_iou_head.{part}.{param}"),
     (r"bbox_head\.(?P<atss>\d+)\.cls_convs\.(?P<i>\d+)\.conv\.weight",
      "aux_heads.{atss}.cls_tower.{i}.weight"),
     (r"bbox_head\.(?P<atss>\d+)\.cls_convs\.(?P<i>\d+)\.gn\." + _PARAM,
@@ -397,6 +438,8 @@ def official_key_to_ours(
             values["fc1"] = int(values["fc"]) + 1
         if "conv" in values:
             values["conv1"] = int(values["conv"]) + 1
+        if "dilation" in values:
+            values["dilation0"] = int(values["dilation"]) - 1
         if "{rpn}" in template:  # the authors' single RPN belongs to our first RoI head
             values["rpn"] = "0"
         for family in ("rcnn", "rpn", "atss", "pos"):
