@@ -5,12 +5,16 @@ Draw a Co-DETR model's detections on images.
     python demo.py --config-file configs/co_dino/co_dino_5scale_r50_1x_coco.py \\
         --input IMAGE|DIR|GLOB --output OUT_DIR [--confidence-threshold 0.3] \\
         train.init_checkpoint=model.pth [key=value ...]
+    python demo.py --config-file CONFIG --onnx OUT_DIR/model.onnx --input ... --output ...
 
-The weights are those of ``train.init_checkpoint`` (set it with an override). Each input
-image is written, with its detections drawn in the names and colours of the test dataset's
-metadata (``dataloader.test.dataset.names``), to OUT_DIR under its own file name. Every file
-of a folder (or that a glob matches) is an input: a file that is not an image (by its extension)
-or that cannot be read is reported by name and the others are drawn; the exit status is then 1.
+The weights are those of ``train.init_checkpoint`` (set it with an override); with ``--onnx``
+the detections are those of a model exported by ``tools/deploy/export_model.py``, run by ONNX
+Runtime (``codetr.export.OnnxPredictor``; the config then gives the test augmentations and
+the class names only). Each input image is written, with its detections drawn in the names
+and colours of the test dataset's metadata (``dataloader.test.dataset.names``), to OUT_DIR
+under its own file name. Every file of a folder (or that a glob matches) is an input: a file
+that is not an image (by its extension) or that cannot be read is reported by name and the
+others are drawn; the exit status is then 1.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import glob
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from codetr import check_prerequisites
 
@@ -30,6 +34,7 @@ from codetr_toy import register_toy_datasets  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -60,6 +65,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.3,
         help="draw the detections with at least this score",
+    )
+    parser.add_argument(
+        "--onnx",
+        default=None,
+        metavar="FILE",
+        help="run this exported ONNX model with ONNX Runtime instead of the PyTorch model",
     )
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, default=[], help="config overrides: key=value ..."
@@ -113,10 +124,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     flush_denormals()
     register_toy_datasets()  # for the class names of a toy model (its config may be a yaml)
     cfg = load_lazy_config(args.config_file, args.opts)
-    if not cfg.train.init_checkpoint:
+    if args.onnx is None and not cfg.train.init_checkpoint:
         raise ValueError("No weights: give them with the override train.init_checkpoint=PATH")
     paths = list_inputs(args.input)
-    predictor = LazyPredictor(cfg)
+    if args.onnx is not None:
+        from codetr.export.onnx_predictor import OnnxPredictor  # needs onnxruntime
+
+        predictor = OnnxPredictor.from_config(cfg, args.onnx)
+    else:
+        predictor = LazyPredictor(cfg)
     metadata = MetadataCatalog.get(metadata_dataset_name(cfg))
 
     os.makedirs(args.output, exist_ok=True)
@@ -151,7 +167,7 @@ def read_input_image(path: str) -> Optional[np.ndarray]:
 
 
 def draw_predictions(
-    predictor: LazyPredictor,
+    predictor: Callable[[np.ndarray], Instances],
     metadata: Metadata,
     path: str,
     image: np.ndarray,

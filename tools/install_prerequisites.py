@@ -8,7 +8,7 @@
 3. detectron2, built from its public repository at ``DETECTRON2_COMMIT``, or from
    ``$DETECTRON2_SOURCE`` (a source tree, a URL or a wheel);
 4. this project (editable) and its own dependencies; with ``--with-test-extras`` also the
-   ``test`` extra of setup.cfg (pytest, timm).
+   ``test`` extra of setup.cfg (pytest, timm, lvis, shapely, onnx, onnxruntime).
 
 What is present is what the target interpreter imports, in a subprocess (so a half-broken
 install counts as missing); a step runs ``python -m pip install ...`` and imports again. What a
@@ -50,7 +50,7 @@ PROBES = {
     "where = os.path.realpath(os.path.dirname(codetr.__file__))\n"
     "assert where.startswith(os.path.realpath(os.getcwd()) + os.sep), "
     "f'codetr is imported from {where}, not from this checkout'",
-    "test_extras": "import pytest, timm; version = ''",
+    "test_extras": "import pytest, timm, lvis, shapely, onnx, onnxruntime; version = ''",
     "pip": "import pip; version = pip.__version__",
 }
 # runs the probes named in argv[1:] in one process; prints {name: [ok, version or error]}
@@ -350,7 +350,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="the interpreter to install into (default: the one running this script)",
     )
     parser.add_argument(
-        "--with-test-extras", action="store_true", help="also install pytest and timm"
+        "--with-test-extras",
+        action="store_true",
+        help="also install the test extra (pytest, timm, lvis, shapely, onnx, onnxruntime)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the pip commands instead of running them"

@@ -64,8 +64,8 @@ if args[:2] == ["-m", "pip"]:
             for name in ("codetr", "fvcore", "iopath", "scipy", "pycocotools", "cv2"):
                 stub(name)
             if arg == ".[test]":
-                stub("pytest")
-                stub("timm")
+                for name in ("pytest", "timm", "lvis", "shapely", "onnx", "onnxruntime"):
+                    stub(name)
     sys.exit(0)
 env = dict(os.environ, PYTHONPATH=SITE)
 os.execve(sys.executable, [sys.executable, "-S", *args], env)
@@ -77,7 +77,7 @@ EDITABLE_CODETR = "import os\n__file__ = os.path.join(os.getcwd(), 'projects', '
 TORCH = {"torch": "2.14.1", "torchvision": "0.29.1"}
 BUILD_TOOLS = {"setuptools": "80.9.0", "pkg_resources": "80.9.0", "wheel": "0.45.1"}
 PROJECT = dict.fromkeys(("codetr", "fvcore", "iopath", "scipy", "pycocotools", "cv2"), "1.0")
-TEST_EXTRAS = {"pytest": "8.0", "timm": "1.0"}
+TEST_EXTRAS = dict.fromkeys(("pytest", "timm", "lvis", "shapely", "onnx", "onnxruntime"), "1.0")
 PIP = {"pip": "24.0"}
 ALL = {**TORCH, **BUILD_TOOLS, "detectron2": "0.6", **PROJECT, **TEST_EXTRAS}
 
