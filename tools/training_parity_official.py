@@ -54,8 +54,9 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-# tools/benchmark_official.py, beside this file
+# tools/benchmark_official.py and tools/tiny_parity_official.py, beside this file
 from benchmark_official import import_authors_code
+from tiny_parity_official import authors_inputs
 from codetr.checkpoint import load_official_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,8 +70,6 @@ MODELS = ("tiny_co_dino_5scale_r50_1x_coco", "tiny_co_deformable_detr_r50_1x_coc
 CURVE_MODEL = MODELS[0]
 CURVE_SETUP = "all_heads"
 CURVE_LR = 1e-4
-PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, as the parity README
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 # x1, y1, x2, y2 in pixels; image 0 is 243 x 192 (H x W), image 1 183 x 215
 GROUND_TRUTH = (
@@ -294,26 +293,7 @@ def authors_batch(images_bgr: List[torch.Tensor]) -> Dict:
     """mmdet's training inputs: RGB, normalised, zero-padded at the bottom / right. Each
     image's ``pad_shape`` is its own size, as after the authors' ``Pad(size_divisor=1)``; the
     anchor heads' valid flags come from it."""
-    height = max(image.shape[0] for image in images_bgr)
-    width = max(image.shape[1] for image in images_bgr)
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    batch = torch.zeros(len(images_bgr), 3, height, width)
-    metas = []
-    for i, image in enumerate(images_bgr):
-        h, w = image.shape[:2]
-        batch[i, :, :h, :w] = (image.flip(-1).permute(2, 0, 1).float() - mean) / std
-        metas.append(
-            dict(
-                img_shape=(h, w, 3),
-                ori_shape=(h, w, 3),
-                pad_shape=(h, w, 3),
-                batch_input_shape=(height, width),
-                scale_factor=torch.ones(4).numpy(),
-                flip=False,
-                flip_direction=None,
-            )
-        )
+    batch, metas = authors_inputs(images_bgr, size_divisor=1)
     return dict(
         img=batch,
         img_metas=metas,

@@ -17,9 +17,54 @@ from omegaconf import DictConfig
 from .checkpointer import AtomicCheckpointer, min_loaded_shares
 from .device import autocast_to, inference_precision, train_device
 
-__all__ = ["LazyPredictor"]
+__all__ = ["LazyPredictor", "prepare_image", "test_augmentations"]
 
 logger = logging.getLogger(__name__)
+
+
+def test_augmentations(cfg: DictConfig) -> List[T.Augmentation]:
+    """The test augmentations of ``cfg.dataloader.test.mapper``: its ``augmentation`` or, for
+    detectron2's ``DatasetMapper``, ``augmentations``."""
+    mapper = cfg.dataloader.test.mapper
+    key = "augmentation" if "augmentation" in mapper else "augmentations"
+    if key not in mapper:
+        raise KeyError("cfg.dataloader.test.mapper has no 'augmentation(s)' list")
+    return list(instantiate(mapper[key]))
+
+
+def prepare_image(
+    image: Union[str, np.ndarray],
+    *,
+    input_format: str,
+    augmentations: T.AugmentationList,
+) -> Dict[str, Any]:
+    """
+    One image as a detector's input: read as BGR (a path) or taken as an (H, W, 3) uint8 BGR
+    array, converted to ``input_format``, transformed by ``augmentations``.
+
+    Returns:
+        {"image": (3, H', W') uint8 tensor, "height", "width"}: the size to rescale the
+        detections to, the original image's (for augmentations that pad, LSJ, the whole padded
+        canvas at the original scale, as the test mapper ``codetr.data.DetrDatasetMapper``).
+    """
+    if isinstance(image, str):
+        image = read_image(image, format="BGR")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    height, width = image.shape[:2]
+    if input_format == "RGB":
+        image = image[:, :, ::-1]
+    aug_input = T.AugInput(np.ascontiguousarray(image))
+    transforms = augmentations(aug_input)
+    image = aug_input.image
+    if any(isinstance(t, T.PadTransform) for t in transforms.transforms):
+        # Predictions cover the padded canvas: map it back at the original scale.
+        content_box = transforms.apply_box(np.array([[0, 0, width, height]], np.float64))
+        content_width, content_height = content_box[0, 2:]
+        height = image.shape[0] * height / content_height
+        width = image.shape[1] * width / content_width
+    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return {"image": tensor, "height": height, "width": width}
 
 
 class LazyPredictor:
@@ -75,13 +120,9 @@ class LazyPredictor:
             AtomicCheckpointer(model, **min_loaded_shares(cfg)).load(weights)
         else:
             logger.warning("cfg.train.init_checkpoint is empty: the model has random weights.")
-        mapper = cfg.dataloader.test.mapper
-        key = "augmentation" if "augmentation" in mapper else "augmentations"
-        if key not in mapper:
-            raise KeyError("cfg.dataloader.test.mapper has no 'augmentation(s)' list")
         return {
             "model": model,
-            "augmentations": list(instantiate(mapper[key])),
+            "augmentations": test_augmentations(cfg),
             "input_format": getattr(model, "input_format", "RGB"),
             "precision": inference_precision(cfg),
         }
@@ -95,24 +136,10 @@ class LazyPredictor:
             the detections (``pred_boxes`` absolute XYXY in the original image, ``scores``,
             ``pred_classes``) on the model's device.
         """
-        if isinstance(image, str):
-            image = read_image(image, format="BGR")
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"LazyPredictor expects an (H, W, 3) image, got shape {image.shape}")
-        height, width = image.shape[:2]
-        if self.input_format == "RGB":
-            image = image[:, :, ::-1]
-        aug_input = T.AugInput(np.ascontiguousarray(image))
-        transforms = self.augmentations(aug_input)
-        image = aug_input.image
-        if any(isinstance(t, T.PadTransform) for t in transforms.transforms):
-            # Predictions cover the padded canvas: map it back at the original scale.
-            content_box = transforms.apply_box(np.array([[0, 0, width, height]], np.float64))
-            content_width, content_height = content_box[0, 2:]
-            height = image.shape[0] * height / content_height
-            width = image.shape[1] * width / content_width
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        inputs = prepare_image(
+            image, input_format=self.input_format, augmentations=self.augmentations
+        )
         device_type = next(self.model.parameters()).device.type
         with torch.inference_mode(), autocast_to(device_type, self.precision):
-            outputs = self.model([{"image": tensor, "height": height, "width": width}])
+            outputs = self.model([inputs])
         return outputs[0]["instances"]

@@ -13,13 +13,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.config import instantiate
 from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
 from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from omegaconf import DictConfig
 from torch import Tensor
+
+from codetr.engine.predictor import prepare_image, test_augmentations
 
 from .deployable import INPUT_NAMES, OUTPUT_NAMES, batch_images
 
@@ -156,12 +156,8 @@ class OnnxPredictor:
     @classmethod
     def from_config(cls, cfg: DictConfig, model: Union[str, OnnxDetector], **kwargs):
         """``kwargs`` go to :class:`OnnxDetector` when ``model`` is a path."""
-        mapper = cfg.dataloader.test.mapper
-        key = "augmentation" if "augmentation" in mapper else "augmentations"
-        if key not in mapper:
-            raise KeyError("cfg.dataloader.test.mapper has no 'augmentation(s)' list")
         detector = model if isinstance(model, OnnxDetector) else OnnxDetector(model, **kwargs)
-        return cls(detector, list(instantiate(mapper[key])))
+        return cls(detector, test_augmentations(cfg))
 
     def __call__(self, image: Union[str, np.ndarray]) -> Instances:
         """
@@ -172,21 +168,7 @@ class OnnxPredictor:
             the detections (``pred_boxes`` absolute XYXY in the original image, ``scores``,
             ``pred_classes``) on the CPU.
         """
-        if isinstance(image, str):
-            image = read_image(image, format="BGR")
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"OnnxPredictor expects an (H, W, 3) image, got shape {image.shape}")
-        height, width = image.shape[:2]
-        if self.input_format == "RGB":
-            image = image[:, :, ::-1]
-        aug_input = T.AugInput(np.ascontiguousarray(image))
-        transforms = self.augmentations(aug_input)
-        image = aug_input.image
-        if any(isinstance(t, T.PadTransform) for t in transforms.transforms):
-            # predictions cover the padded canvas: map it back at the original scale
-            content_box = transforms.apply_box(np.array([[0, 0, width, height]], np.float64))
-            content_width, content_height = content_box[0, 2:]
-            height = image.shape[0] * height / content_height
-            width = image.shape[1] * width / content_width
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return self.detector([{"image": tensor, "height": height, "width": width}])[0]["instances"]
+        inputs = prepare_image(
+            image, input_format=self.input_format, augmentations=self.augmentations
+        )
+        return self.detector([inputs])[0]["instances"]
