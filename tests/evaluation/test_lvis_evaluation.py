@@ -99,14 +99,17 @@ def _instances(detections):
     return instances
 
 
-def _evaluate(evaluator_class, dataset_name, detections):
-    """detections: image id -> (category id, XYWH box, score)s; the bbox metrics."""
+def _evaluate(evaluator_class, dataset_name, detections, box_scores=None):
+    """detections: image id -> (category id, XYWH box, score)s; box_scores: image id -> the
+    detections' ``box_scores`` (none by default); the bbox metrics."""
     evaluator = evaluator_class(dataset_name, max_dets_per_image=1000)
     evaluator.reset()
     for image_id, image_detections in detections.items():
+        instances = _instances(image_detections)
+        if box_scores is not None:
+            instances.box_scores = torch.tensor(box_scores[image_id])
         evaluator.process(
-            [{"image_id": image_id, "height": SIZE, "width": SIZE}],
-            [{"instances": _instances(image_detections)}],
+            [{"image_id": image_id, "height": SIZE, "width": SIZE}], [{"instances": instances}]
         )
     results = evaluator.evaluate()
     assert list(results) == ["bbox"]
@@ -151,6 +154,20 @@ def test_a_false_positive_above_a_true_positive_lowers_the_ap_by_hand(dataset_na
         "APc": 100.0,
         "APf": cherry_ap,
     } | NO_GROUND_TRUTH
+    assert results == pytest.approx(expected, abs=1e-9)
+
+
+def test_bbox_is_scored_with_box_scores(dataset_name):
+    """Co-DINO-Inst's ``scores`` (mask scores) rank the cherry miss above a hit, as in the test
+    above (cherry AP 83.5); its ``box_scores`` rank it last: bbox is scored with those, 100."""
+    detections = _perfect_detections()
+    detections[2] = [(2, [20, 30, 60, 40], 0.9), (3, [120, 20, 40, 60], 0.7)]
+    detections[3] = [(2, [30, 30, 50, 50], 0.9), (3, [100, 100, 40, 40], 0.8)]
+    by_score = _evaluate(LVISEvaluator, dataset_name, detections)
+    assert by_score["APf"] == pytest.approx((51 * 1 + 50 * 2 / 3) / 101 * 100, abs=1e-9)
+    box_scores = {1: [0.9, 0.9], 2: [0.9, 0.7], 3: [0.9, 0.1]}
+    results = _evaluate(LVISEvaluator, dataset_name, detections, box_scores=box_scores)
+    expected = {metric: 100.0 for metric in METRICS} | NO_GROUND_TRUTH
     assert results == pytest.approx(expected, abs=1e-9)
 
 

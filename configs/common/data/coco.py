@@ -1,8 +1,10 @@
 """COCO 2017 detection with the DETR augmentation recipe (spec §4): train2017 / val2017.
 
 Expects detectron2's builtin COCO layout under $DETECTRON2_DATASETS (default "datasets").
-The evaluator writes nothing by default; set ``dataloader.evaluator.output_dir`` to keep
-its predictions.
+The evaluator is ``codetr.evaluation.COCOEvaluator``: detectron2's (same arguments), scoring
+the bbox task with the predicted ``box_scores`` where there are any (Co-DINO-Inst's box scores;
+masks are scored with ``scores``, as the authors). It writes nothing by default; set
+``dataloader.evaluator.output_dir`` to keep its predictions.
 
 Datasets are loaded with ``codetr.data.load_checked_dataset_dicts``, which checks the json
 files and that every listed image exists: a missing image stops the run before it starts,
@@ -14,7 +16,6 @@ from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.evaluation import COCOEvaluator
 
 from codetr.data import (
     DetrDatasetMapper,
@@ -23,6 +24,7 @@ from codetr.data import (
     build_detr_train_augmentation,
     load_checked_dataset_dicts,
 )
+from codetr.evaluation import COCOEvaluator
 
 dataloader = OmegaConf.create()
 

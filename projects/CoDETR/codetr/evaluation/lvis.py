@@ -4,6 +4,10 @@ latest release) uses ``np.float`` in ``LVISEval.accumulate``, an alias numpy 1.2
 (lvis-dataset/lvis-api#37, fixed on its main branch only), so the evaluation stops there.
 During ``evaluate`` this evaluator gives the module ``lvis.eval`` alone a ``np`` that is numpy
 plus ``float`` (the builtin, which the alias stood for); numpy itself is left as it is.
+
+Like ``codetr.evaluation.COCOEvaluator`` it evaluates the bbox task with the predicted
+``box_scores`` where the ``Instances`` have them, segm with ``scores`` (the authors' protocol for
+Co-DINO-Inst: ``codetr.evaluation.coco.BoxScoresForBbox``).
 """
 
 import contextlib
@@ -14,6 +18,8 @@ from types import ModuleType
 from typing import Iterator
 
 from detectron2.evaluation import LVISEvaluator as _Detectron2LVISEvaluator
+
+from .coco import BoxScoresForBbox
 
 __all__ = ["LVISEvaluator"]
 
@@ -60,10 +66,12 @@ def _numpy_float_in_lvis_eval() -> Iterator[None]:
         lvis_eval.np = numpy
 
 
-class LVISEvaluator(_Detectron2LVISEvaluator):
+class LVISEvaluator(BoxScoresForBbox, _Detectron2LVISEvaluator):
     """
     detectron2's :class:`detectron2.evaluation.LVISEvaluator` (same arguments), whose
-    ``evaluate`` also runs with ``lvis`` 0.5.3 and numpy >= 1.24 (see the module docstring).
+    ``evaluate`` also runs with ``lvis`` 0.5.3 and numpy >= 1.24, and which evaluates the bbox
+    task with the predicted ``box_scores`` where the ``Instances`` have them (see the module
+    docstring).
     """
 
     def __init__(
