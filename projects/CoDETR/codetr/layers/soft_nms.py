@@ -168,8 +168,8 @@ def _soft_nms_rows(
     min_score_t = torch.tensor(min_score, dtype=dtype, device=device)
     lowest = torch.tensor(float("-inf"), dtype=dtype, device=device)
     step = 0
-    while True:
-        active = (step < alive) & (step < max_keep)  # (R,)
+    while step < max_keep:
+        active = alive > step  # (R,)
         if not bool(active.any()):
             break
         # the first position holding the maximum, swapped into position `step`
