@@ -1,6 +1,6 @@
 """
 A short train_net.py run of the toy Co-DINO-Inst config (``configs/toy/co_dino_inst_toy.py``:
-the mask branch on the query head's boxes, trained on the toy shapes' polygon masks): 4
+the mask branch on the query head's boxes, trained on the toy shapes' polygon masks): 2
 iterations of batch 2, an evaluation on 4 validation images as bbox and segm, then demo.py on
 two toy images with the final weights, whose Visualizer gets the detections' image masks.
 """
@@ -22,7 +22,8 @@ _REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 INST_TOY_CONFIG = os.path.join(_REPO, "configs", "toy", "co_dino_inst_toy.py")
 
 _FAST = [
-    "train.max_iter=4",
+    "train.max_iter=2",
+    "model.mask_branch.batch_size_per_image=32",
     "train.eval_period=0",  # evaluate after the last iteration only
     "train.checkpointer.period=100",
     "train.log_period=1",
