@@ -9,15 +9,13 @@ import torch
 
 from codetr.export import DeployableDetector, batch_images
 from codetr.export.deployable import _level_mask
-from codetr.export.ms_deform_attn_graph import (
-    deformable_attention_graph,
-    multi_scale_deformable_attention_graph,
-)
+from codetr.export.ms_deform_attn_graph import deformable_attention_graph
 from codetr.layers import (
     MultiScaleDeformableAttention,
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_fast,
 )
+from codetr.layers.ms_deform_attn import grid_sample_levels
 from codetr.modeling.transformer import level_masks
 
 from .models import assert_same_detections, build_tiny_model, parity_images, pytorch_detections
@@ -40,7 +38,9 @@ def _attention_inputs(seed: int, num_queries: int = 11, heads: int = 2, points: 
 
 def test_grid_sample_attention_equals_the_model_s():
     value, locations, weights = _attention_inputs(0)
-    output = multi_scale_deformable_attention_graph(value, _LEVEL_SHAPES, locations, weights)
+    # the sizes as 0-dim tensors, as torch.jit.trace gives shapes: used as they are
+    tensor_sizes = [(torch.tensor(h), torch.tensor(w)) for h, w in _LEVEL_SHAPES]
+    output = grid_sample_levels(value, tensor_sizes, locations, weights)
     reference = multi_scale_deformable_attention(value, _LEVEL_SHAPES, locations, weights)
     fast = multi_scale_deformable_attention_fast(value, _LEVEL_SHAPES, locations, weights)
     torch.testing.assert_close(output, reference, rtol=0, atol=0)

@@ -42,7 +42,8 @@ from torchvision.ops import box_convert
 from codetr.layers import box_sine_embedding, inverse_sigmoid
 from codetr.layers.soft_nms import SPLIT_THRESHOLD
 from codetr.modeling import CoDETR, DeformableDETRHead, DINOHead
-from codetr.modeling.transformer.multi_level import _valid_ratio
+from codetr.modeling.transformer.multi_level import _valid_ratio, encoder_reference_points
+from codetr.modeling.transformer.two_stage import encoder_proposals
 
 from .ms_deform_attn_graph import Size, deformable_attention_graph
 from .soft_nms_graph import soft_nms_padded
@@ -173,7 +174,7 @@ class DeployableDetector(nn.Module):
             ],
             1,
         )
-        reference_points = _encoder_reference_points(sequence.level_shapes, sequence.valid_ratios)
+        reference_points = encoder_reference_points(sequence.level_shapes, sequence.valid_ratios)
         tokens = sequence.tokens
         for layer in head.encoder.layers:
             attended = deformable_attention_graph(
@@ -193,7 +194,7 @@ class DeployableDetector(nn.Module):
         """The head's two-stage selection and decoder: the last layer's (B, Q, K) logits and
         (B, Q, 4) normalised cxcywh boxes of the matching queries."""
         head = self.model.query_head
-        tokens, proposals = _encoder_proposals(memory)
+        tokens, proposals = encoder_proposals(memory)
         tokens = head.enc_output_norm(head.enc_output(tokens))
         logits = head.class_heads[-1](tokens)
         coords = head.box_heads[-1](tokens) + proposals
@@ -319,56 +320,6 @@ def _flatten_levels(levels: List[Tensor], masks: List[Tensor]) -> _Levels:
     ).long()
     valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)
     return _Levels(tokens, padding_mask, spatial_shapes, valid_ratios, level_shapes)
-
-
-def _encoder_reference_points(
-    level_shapes: Sequence[Tuple[Size, Size]], valid_ratios: Tensor
-) -> Tensor:
-    """``encoder_reference_points`` with ``arange(n) + 0.5`` for ``linspace(0.5, n - 0.5, n)``
-    (the same values: half-integers, exact in float32)."""
-    device = valid_ratios.device
-    points = []
-    for level, (height, width) in enumerate(level_shapes):
-        ref_y = torch.arange(height, device=device).to(torch.float32) + 0.5
-        ref_x = torch.arange(width, device=device).to(torch.float32) + 0.5
-        ref_y, ref_x = torch.meshgrid(ref_y, ref_x, indexing="ij")
-        ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
-        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
-        points.append(torch.stack((ref_x, ref_y), -1))
-    reference_points = torch.cat(points, 1)
-    return reference_points[:, :, None] * valid_ratios[:, None]
-
-
-def _encoder_proposals(memory: _Levels) -> Tuple[Tensor, Tensor]:
-    """``encoder_proposals`` with ``arange`` for ``linspace(0, n - 1, n)`` (the same values)."""
-    tokens, padding_mask = memory.tokens, memory.padding_mask
-    batch_size = tokens.shape[0]
-    device = tokens.device
-    proposals = []
-    start = 0
-    for level, (height, width) in enumerate(memory.level_shapes):
-        end = start + height * width
-        level_mask = padding_mask[:, start:end].view(batch_size, height, width)
-        valid_h = (~level_mask[:, :, 0]).sum(1)
-        valid_w = (~level_mask[:, 0, :]).sum(1)
-        grid_y, grid_x = torch.meshgrid(
-            torch.arange(height, device=device).to(torch.float32),
-            torch.arange(width, device=device).to(torch.float32),
-            indexing="ij",
-        )
-        grid = torch.stack([grid_x, grid_y], -1)
-        scale = torch.stack([valid_w, valid_h], -1).view(batch_size, 1, 1, 2)
-        grid = (grid[None].expand(batch_size, -1, -1, -1) + 0.5) / scale
-        wh = torch.full_like(grid, 0.05 * (2.0**level))
-        proposals.append(torch.cat([grid, wh], -1).view(batch_size, -1, 4))
-        start = end
-    proposals = torch.cat(proposals, 1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
-    proposals = torch.log(proposals / (1 - proposals))
-    invalid = padding_mask.unsqueeze(-1) | ~valid
-    proposals = proposals.masked_fill(invalid, float("inf"))
-    tokens = tokens.masked_fill(invalid, 0.0)
-    return tokens, proposals
 
 
 def _top(scores: Tensor, values: Tensor, k: int) -> Tensor:

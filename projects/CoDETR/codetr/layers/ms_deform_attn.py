@@ -11,6 +11,7 @@ from .ms_deform_attn_fast import LevelShapes, as_level_shapes, multi_scale_defor
 
 __all__ = [
     "multi_scale_deformable_attention",
+    "grid_sample_levels",
     "MultiScaleDeformableAttention",
     "check_level_shapes",
 ]
@@ -79,20 +80,41 @@ def multi_scale_deformable_attention(
     Returns:
         (B, Q, H * Dh), heads concatenated.
     """
-    batch_size, _, num_heads, head_dim = value.shape
+    return grid_sample_levels(
+        value, as_level_shapes(spatial_shapes), sampling_locations, attention_weights
+    )
+
+
+def grid_sample_levels(
+    value: Tensor,
+    level_shapes: Sequence[Tuple[Union[int, Tensor], Union[int, Tensor]]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """
+    :func:`multi_scale_deformable_attention` with the level sizes used as they are given: one
+    ``grid_sample`` per level. Under ``torch.jit.trace`` sizes taken from maps' shapes are
+    0-dim tensors and stay dynamic in the graph (ONNX ``GridSample``, opset >= 16): the
+    exported model's sampling.
+
+    Args:
+        value, sampling_locations, attention_weights: as :func:`multi_scale_deformable_attention`.
+        level_shapes: the (h, w) of every level, Python ints or 0-dim tensors.
+
+    Returns:
+        (B, Q, H * Dh).
+    """
+    _, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    level_shapes = as_level_shapes(spatial_shapes)
-    value_per_level = value.split([h * w for h, w in level_shapes], dim=1)
     # grid_sample expects coordinates in [-1, 1]
     sampling_grids = 2 * sampling_locations - 1
     sampled_per_level = []
+    start = 0
     for level, (height, width) in enumerate(level_shapes):
+        end = start + height * width
         # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
         value_level = (
-            value_per_level[level]
-            .flatten(2)
-            .transpose(1, 2)
-            .reshape(batch_size * num_heads, head_dim, height, width)
+            value[:, start:end].flatten(2).transpose(1, 2).reshape(-1, head_dim, height, width)
         )
         # (B, Q, H, P, 2) -> (B*H, Q, P, 2)
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
@@ -102,13 +124,12 @@ def multi_scale_deformable_attention(
                 value_level, grid_level, mode="bilinear", padding_mode="zeros", align_corners=False
             )
         )
+        start = end
     # (B, Q, H, L, P) -> (B*H, 1, Q, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(
-        batch_size * num_heads, 1, num_queries, num_levels * num_points
-    )
+    weights = attention_weights.transpose(1, 2).reshape(-1, 1, num_queries, num_levels * num_points)
     # (B*H, Dh, Q, L*P) -> (B, H*Dh, Q)
     output = (torch.stack(sampled_per_level, dim=-2).flatten(-2) * weights).sum(-1)
-    output = output.view(batch_size, num_heads * head_dim, num_queries)
+    output = output.view(-1, num_heads * head_dim, num_queries)
     return output.transpose(1, 2).contiguous()
 
 

@@ -162,7 +162,8 @@ def encoder_reference_points(
     extent of its own level, then expressed in every level's valid extent.
 
     Args:
-        level_shapes: the (h, w) of each level, Python ints.
+        level_shapes: the (h, w) of each level, Python ints (or the 0-dim tensors
+            ``torch.jit.trace`` gives for shapes).
         valid_ratios: (B, L, 2).
     Returns:
         (B, S, L, 2) normalised (x, y).
@@ -170,9 +171,10 @@ def encoder_reference_points(
     device = valid_ratios.device
     points = []
     for level, (height, width) in enumerate(level_shapes):
+        # the cell centres; arange, not linspace: it also takes 0-dim tensor sizes (a trace)
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+            torch.arange(height, device=device).to(torch.float32) + 0.5,
+            torch.arange(width, device=device).to(torch.float32) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)

@@ -16,7 +16,8 @@ __all__ = ["encoder_proposals"]
 def encoder_proposals(memory: MultiLevelSequence) -> Tuple[Tensor, Tensor]:
     """
     Args:
-        memory: the encoder memory with its layout.
+        memory: the encoder memory with its layout (``tokens``, ``padding_mask`` and
+            ``level_shapes``: Python ints, or the 0-dim tensors of ``torch.jit.trace``).
     Returns:
         tokens: (B, S, C) memory with padding and invalid positions zeroed.
         proposals: (B, S, 4) proposal boxes in logit space (inverse sigmoid of normalised
@@ -31,9 +32,10 @@ def encoder_proposals(memory: MultiLevelSequence) -> Tuple[Tensor, Tensor]:
         level_mask = padding_mask[:, start : start + height * width].view(batch_size, height, width)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)
+        # arange, not linspace: it also takes the 0-dim tensor sizes of a traced export
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=torch.float32, device=tokens.device),
-            torch.linspace(0, width - 1, width, dtype=torch.float32, device=tokens.device),
+            torch.arange(height, device=tokens.device).to(torch.float32),
+            torch.arange(width, device=tokens.device).to(torch.float32),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)
