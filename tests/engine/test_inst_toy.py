@@ -5,6 +5,7 @@ iterations of batch 2, an evaluation on 4 validation images as bbox and segm, th
 two toy images with the final weights, whose Visualizer gets the detections' image masks.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -39,7 +40,13 @@ class TestInstToy(unittest.TestCase):
         cls.output_dir = os.path.join(cls._tmp.name, "train")
         cls.results = train_net.main(
             train_net.build_argument_parser().parse_args(
-                ["--config-file", INST_TOY_CONFIG, *_FAST, f"train.output_dir={cls.output_dir}"]
+                [
+                    "--config-file",
+                    INST_TOY_CONFIG,
+                    *_FAST,
+                    f"train.output_dir={cls.output_dir}",
+                    f"dataloader.evaluator.output_dir={os.path.join(cls.output_dir, 'eval')}",
+                ]
             )
         )
 
@@ -87,3 +94,36 @@ class TestInstToy(unittest.TestCase):
             self.assertEqual(masks.dtype, torch.bool)
             self.assertIn(tuple(masks.shape[1:]), sizes.values())
             self.assertEqual(len(masks), len(instances))
+
+    def test_eval_only_gives_the_same_boxes_and_masks(self):
+        """``--eval-only`` with the final weights evaluates both tasks again, on the same images
+        with the same weights as the evaluation after training: the same predictions (boxes,
+        scores, mask RLEs) and the same figures."""
+        eval_dir = os.path.join(self._tmp.name, "eval_only")
+        results = train_net.main(
+            train_net.build_argument_parser().parse_args(
+                [
+                    "--config-file",
+                    INST_TOY_CONFIG,
+                    "--eval-only",
+                    _FAST[-1],
+                    f"train.init_checkpoint={os.path.join(self.output_dir, 'model_final.pth')}",
+                    f"train.output_dir={eval_dir}",
+                    f"dataloader.evaluator.output_dir={eval_dir}",
+                ]
+            )
+        )
+        self.assertEqual(sorted(results), ["bbox", "segm"])
+        for task in ("bbox", "segm"):
+            self.assertEqual(
+                json.dumps(results[task], sort_keys=True),
+                json.dumps(self.results[task], sort_keys=True),
+                task,
+            )
+        name = "instances_predictions.pth"
+        ours = torch.load(os.path.join(eval_dir, name), weights_only=False)
+        after_training = torch.load(os.path.join(self.output_dir, "eval", name), weights_only=False)
+        self.assertEqual(len(ours), 4)
+        self.assertGreater(sum(len(p["instances"]) for p in ours), 0)
+        self.assertTrue(all("segmentation" in d for p in ours for d in p["instances"]))
+        self.assertEqual(ours, after_training)
