@@ -4,17 +4,19 @@ level masks, the batching of the inputs, and the whole DeployableDetector agains
 own inference.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
 from codetr.export import DeployableDetector, batch_images
 from codetr.export.deployable import _level_mask
-from codetr.export.ms_deform_attn_graph import deformable_attention_graph
 from codetr.layers import (
     MultiScaleDeformableAttention,
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_fast,
 )
+from codetr.layers import ms_deform_attn
 from codetr.layers.ms_deform_attn import grid_sample_levels
 from codetr.modeling.transformer import level_masks
 
@@ -48,7 +50,10 @@ def test_grid_sample_attention_equals_the_model_s():
 
 
 @pytest.mark.parametrize("reference_dim", [2, 4])
-def test_deformable_attention_layer_equals_its_forward(reference_dim):
+def test_deformable_attention_layer_with_traced_sizes_samples_with_grid_sample(reference_dim):
+    """Level sizes as 0-dim tensors (as torch.jit.trace records shapes, as the exported model
+    passes them): the layer samples with grid_sample, not its fast kernel, and gives the same
+    output as with Python ints."""
     torch.manual_seed(0)
     layer = MultiScaleDeformableAttention(
         embed_dim=32, num_heads=4, num_levels=len(_LEVEL_SHAPES), num_points=2
@@ -63,11 +68,12 @@ def test_deformable_attention_layer_equals_its_forward(reference_dim):
     spatial_shapes = torch.tensor(_LEVEL_SHAPES)
     starts = torch.tensor([0, 9 * 13, 9 * 13 + 5 * 7])
     mask = torch.rand(2, num_values, generator=generator) > 0.8
+    tensor_sizes = [(torch.tensor(h), torch.tensor(w)) for h, w in _LEVEL_SHAPES]
     with torch.no_grad():
-        expected = layer(query, value, reference, spatial_shapes, starts, mask)
-        output = deformable_attention_graph(
-            layer, query, value, reference, spatial_shapes, _LEVEL_SHAPES, mask
-        )
+        expected = layer(query, value, reference, spatial_shapes, starts, mask, _LEVEL_SHAPES)
+        with mock.patch.object(ms_deform_attn, "multi_scale_deformable_attention_fast") as fast:
+            output = layer(query, value, reference, spatial_shapes, starts, mask, tensor_sizes)
+    fast.assert_not_called()
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -15,11 +15,12 @@ images and their sizes to padded detections:
 * the test output: top-k over (query x class) scores, boxes in input pixels, and the model's
   class-aware soft-NMS (:func:`~codetr.export.soft_nms_graph.soft_nms_padded`, a bounded loop).
 
-The forward passes of the transformer, query heads and Swin stages are written out here with
-the model's parameters: the model's own ones read level sizes as Python ints (constants of a
-trace) and run the deformable attention sampling with ``embedding_bag`` (no ONNX operator).
-Here the sampling is ``grid_sample`` (ONNX ``GridSample``, opset >= 16). The PyTorch model is
-not changed: export-only code lives in this package.
+The model's own layers run here, with the level sizes kept as the shapes ``torch.jit.trace``
+records (0-dim tensors), so that its deformable attention samples with ``grid_sample`` (ONNX
+``GridSample``, opset >= 16) instead of its ``embedding_bag`` kernel (no ONNX operator). What is
+written out here is what reads sizes as Python ints in the model (constants of a trace): the
+flattening of the levels and their masks, the loops of the encoder, the two-stage selection and
+the decoder around the model's layers, the test output, and the Swin stages.
 """
 
 from typing import List, NamedTuple, Sequence, Tuple, Union
@@ -45,7 +46,6 @@ from codetr.modeling import CoDETR, DeformableDETRHead, DINOHead
 from codetr.modeling.transformer.multi_level import _valid_ratio, encoder_reference_points
 from codetr.modeling.transformer.two_stage import encoder_proposals
 
-from .ms_deform_attn_graph import Size, deformable_attention_graph
 from .soft_nms_graph import soft_nms_padded
 
 __all__ = ["DeployableDetector", "batch_images", "OUTPUT_NAMES", "INPUT_NAMES"]
@@ -56,6 +56,10 @@ OUTPUT_NAMES = ("boxes", "scores", "classes", "num_detections")
 _SOFT_NMS_MIN_SCORE = 1e-3
 
 
+# a level size: a Python int, or under torch.jit.trace a 0-dim tensor recorded from a shape
+Size = Union[int, Tensor]
+
+
 class _Levels(NamedTuple):
     """The flattened multi-level sequence (see ``codetr.modeling.transformer.multi_level``)
     with its level sizes as given (ints, or 0-dim tensors under tracing)."""
@@ -63,6 +67,7 @@ class _Levels(NamedTuple):
     tokens: Tensor
     padding_mask: Tensor
     spatial_shapes: Tensor
+    level_start_index: Tensor
     valid_ratios: Tensor
     level_shapes: List[Tuple[Size, Size]]
 
@@ -177,17 +182,15 @@ class DeployableDetector(nn.Module):
         reference_points = encoder_reference_points(sequence.level_shapes, sequence.valid_ratios)
         tokens = sequence.tokens
         for layer in head.encoder.layers:
-            attended = deformable_attention_graph(
-                layer.self_attn,
-                tokens + pos,
+            tokens = layer(
                 tokens,
+                pos,
                 reference_points,
                 sequence.spatial_shapes,
-                sequence.level_shapes,
+                sequence.level_start_index,
                 sequence.padding_mask,
+                sequence.level_shapes,
             )
-            tokens = layer.norm1(tokens + layer.dropout(attended))
-            tokens = layer.norm2(tokens + layer.ffn(tokens))
         return sequence._replace(tokens=tokens)
 
     def decode(self, memory: _Levels) -> Tuple[Tensor, Tensor]:
@@ -231,7 +234,7 @@ class DeployableDetector(nn.Module):
                         yx_first=True,
                     )
                 )
-            query = _decoder_layer(layer, query, query_pos, reference_points, memory)
+            query = layer(query, query_pos, reference_points, memory)
             delta = box_head(query)
             refined = (delta + inverse_sigmoid(reference, eps=eps)).sigmoid()
             output = decoder.norm(query)
@@ -318,34 +321,19 @@ def _flatten_levels(levels: List[Tensor], masks: List[Tensor]) -> _Levels:
     spatial_shapes = torch.stack(
         [torch.stack([_as_tensor(h, device), _as_tensor(w, device)]) for h, w in level_shapes]
     ).long()
+    level_start_index = torch.cat(
+        [spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]]
+    )
     valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)
-    return _Levels(tokens, padding_mask, spatial_shapes, valid_ratios, level_shapes)
+    return _Levels(
+        tokens, padding_mask, spatial_shapes, level_start_index, valid_ratios, level_shapes
+    )
 
 
 def _top(scores: Tensor, values: Tensor, k: int) -> Tensor:
     """``QueryHeadBase._top_proposals``: (B, k, D) ``values`` at the k highest ``scores``."""
     top = scores.topk(k, dim=1)[1]
     return values.gather(1, top[..., None].expand(-1, -1, values.shape[-1]))
-
-
-def _decoder_layer(
-    layer: nn.Module, query: Tensor, query_pos: Tensor, reference_points: Tensor, memory: _Levels
-) -> Tensor:
-    """``DeformableDecoderLayer.forward`` without self-attention mask."""
-    q = query + query_pos
-    attended = layer.self_attn(q, q, query, need_weights=False)[0]
-    query = layer.norm1(query + layer.dropout1(attended))
-    attended = deformable_attention_graph(
-        layer.cross_attn,
-        query + query_pos,
-        memory.tokens,
-        reference_points,
-        memory.spatial_shapes,
-        memory.level_shapes,
-        memory.padding_mask,
-    )
-    query = layer.norm2(query + layer.dropout2(attended))
-    return layer.norm3(query + layer.ffn(query))
 
 
 # ---------------------------------------------------------------------------------------- Swin

@@ -226,6 +226,8 @@ class MultiScaleDeformableAttention(nn.Module):
                 :func:`check_level_shapes` (``MultiLevelSequence.level_shapes``: the encoder and
                 decoder check them once per forward and hand them to all their layers). None:
                 derived from ``spatial_shapes`` with ``.tolist()`` and checked on every call.
+                0-dim tensors (the shapes ``torch.jit.trace`` records, as the exported model
+                gives them): sampled with :func:`grid_sample_levels`, dynamic in the trace.
 
         Returns:
             (B, Q, C).
@@ -239,6 +241,9 @@ class MultiScaleDeformableAttention(nn.Module):
             value_padding_mask,
             level_shapes,
         )
+        # sizes given as 0-dim tensors (the shapes torch.jit.trace records: an export) stay
+        # dynamic in grid_sample and standard operators; the fast kernel reads Python ints
+        traced_sizes = any(isinstance(size, Tensor) for shape in level_shapes for size in shape)
         value = self.value_proj(value)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
@@ -262,17 +267,19 @@ class MultiScaleDeformableAttention(nn.Module):
             level_sizes = spatial_shapes.flip(-1).to(sampling_offsets.dtype)[None, :, None, :]
             level_sizes = level_sizes.expand(self.num_heads, -1, self.num_points, -1)
             references = references.expand(-1, -1, -1, -1, self.num_points, -1)
-            sampling_locations = torch.addcdiv(
-                references.contiguous(), sampling_offsets, level_sizes.contiguous()
-            )
+            if traced_sizes:  # the same arithmetic; ONNX has no addcdiv
+                sampling_locations = references + sampling_offsets / level_sizes
+            else:
+                sampling_locations = torch.addcdiv(
+                    references.contiguous(), sampling_offsets, level_sizes.contiguous()
+                )
         else:
             # offsets are relative to the half box size, spread over num_points
             sampling_locations = (
                 references[..., :2] + sampling_offsets / self.num_points * references[..., 2:] * 0.5
             )
-        output = multi_scale_deformable_attention_fast(
-            value, level_shapes, sampling_locations, attention_weights
-        )
+        sample = grid_sample_levels if traced_sizes else multi_scale_deformable_attention_fast
+        output = sample(value, level_shapes, sampling_locations, attention_weights)
         return self.output_proj(output)
 
     def _check_inputs(
