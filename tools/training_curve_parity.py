@@ -2,8 +2,8 @@
 """
 Trains our tiny Co-DINO (all heads) for the steps of the authors' training curve and compares
 every step's total loss: the same converted weights, the same batch, plain SGD with the same
-learning rate, and each step's random draws and order of tied RPN proposals replayed from the
-authors' run (``tests/parity/test_training_curve.py``, whose :class:`ReplayedCurve` this runs
+learning rate, and each step's random draws and order (and NMS survivors) of tied RPN proposals
+replayed from the authors' run (``tests/parity/test_training_curve.py``, whose :class:`ReplayedCurve` this runs
 for all the steps). Prints step, the authors' total, ours and the relative difference; exits
 with status 1 when a step differs by more than 1e-3 relative (or a draw of the authors' was not
 replayed, or proposals had to be reordered beyond ties).
@@ -72,6 +72,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     gap = max(ours.proposal_order.largest_gap for ours in curve.steps)
     print(f"draws not replayed: {left_over or 'none'}")
+    nms_ties = {
+        step: ours.proposal_order.nms_ties
+        for step, ours in enumerate(curve.steps)
+        if ours.proposal_order.nms_ties
+    }
+    print(f"RPN proposals an NMS tie kept otherwise (step: per image): {nms_ties or 'none'}")
     print(
         f"largest score gap of the proposals put in the authors' order {gap:.1e} "
         f"(ties: up to {ReplayedProposalOrder.TIE:g})"

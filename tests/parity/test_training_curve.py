@@ -3,7 +3,7 @@ A training curve of ours against the authors' code (``tests/parity/training_curv
 written by ``tools/training_parity_official.py --curve-output``): the tiny Co-DINO with all
 heads, converted from the authors' weights, trained by plain SGD (the fixture's learning rate,
 momentum 0, weight decay 0, no clipping) on the fixture's batch, every step with the authors'
-random draws and order of tied RPN proposals of that step replayed (as in
+random draws and order (and NMS survivors) of tied RPN proposals of that step replayed (as in
 ``test_training_parity.py``, whose helpers this uses).
 
 Here the first :data:`STEPS_IN_TEST` steps: every step's total and loss terms to 1e-3 relative,
@@ -137,6 +137,9 @@ class TestTrainingCurve(unittest.TestCase):
             self.assertLessEqual(
                 ours.proposal_order.largest_gap, ReplayedProposalOrder.TIE, f"step {step}"
             )
+            # an NMS tie decided the other way is a rare coin toss (seen: once, at step 1, on
+            # one machine of two), not a different set of proposals
+            self.assertLessEqual(sum(ours.proposal_order.nms_ties), 2, f"step {step}")
 
     def test_the_updates_move_the_loss(self):
         # the authors' totals move by more than the tolerance over these steps (checked here so

@@ -20,6 +20,7 @@ import torch
 from detectron2.config import instantiate
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from torchvision.ops import box_iou
 
 from codetr.checkpoint import convert_official_state_dict, load_official_checkpoint
 from codetr.modeling.aux_heads.rcnn import RCNNAuxRPN
@@ -126,8 +127,12 @@ class ReplayedProposalOrder:
     Puts our RPN proposals in the authors' order (``expected``: per image their (P, 5) boxes and
     scores). Both rank by float32 probability; proposals whose probabilities tie, or differ by
     an ulp or two because the logits differ by ~1e-7, come in an order that is a coin toss, and
-    the RoI sampler's draws pick by position. Checked on the way: the same boxes (to 1e-3
-    pixels), and only positions whose scores are within ``TIE`` of the authors' reordered.
+    the RoI sampler's draws pick by position. The same coin toss decides which of two tied
+    proposals that overlap by more than the NMS threshold survives the NMS (neighbouring anchors
+    of a featureless border predict the same score and the same shape, a stride apart); such a
+    proposal of ours is replaced by the authors' and counted in ``nms_ties``. Checked on the
+    way: the same boxes (to 1e-3 pixels), and only positions and NMS survivors whose scores are
+    within ``TIE`` of the authors' replayed.
     """
 
     TIE = 2e-7
@@ -135,6 +140,7 @@ class ReplayedProposalOrder:
     def __init__(self, expected: List[torch.Tensor]):
         self.expected = expected
         self.moved: List[int] = []
+        self.nms_ties: List[int] = []
         self.largest_gap = 0.0
 
     def __enter__(self):
@@ -143,7 +149,7 @@ class ReplayedProposalOrder:
 
         def predict_proposals(rpn, *args, **kwargs):
             results = replay.original(rpn, *args, **kwargs)
-            return [replay.reordered(i, r) for i, r in enumerate(results)]
+            return [replay.reordered(i, r, rpn.nms_thresh) for i, r in enumerate(results)]
 
         RCNNAuxRPN.predict_proposals = predict_proposals
         return self
@@ -151,10 +157,11 @@ class ReplayedProposalOrder:
     def __exit__(self, *exc):
         RCNNAuxRPN.predict_proposals = self.original
 
-    def reordered(self, image: int, instances: Instances) -> Instances:
+    def reordered(self, image: int, instances: Instances, nms_threshold: float) -> Instances:
         theirs = self.expected[image]
+        assert len(instances) == theirs.shape[0], (image, len(instances), theirs.shape)
+        instances = self.tied_survivors_replaced(image, instances, nms_threshold)
         ours = instances.proposal_boxes.tensor
-        assert ours.shape[0] == theirs.shape[0], (image, ours.shape, theirs.shape)
         same = torch.cdist(theirs[:, :4], ours, p=float("inf")) < 1e-3
         # one of ours per proposal of theirs, the one at the same position where it can be
         # (clipped proposals can coincide)
@@ -172,6 +179,34 @@ class ReplayedProposalOrder:
         gap = (instances.objectness_logits - theirs[:, 4]).abs()[moved]
         self.largest_gap = max([self.largest_gap] + gap.tolist())
         return instances[order]
+
+    def tied_survivors_replaced(
+        self, image: int, instances: Instances, nms_threshold: float
+    ) -> Instances:
+        """``instances`` with each proposal that the authors' NMS suppressed in favour of a tied
+        one (score within ``TIE``, IoU above ``nms_threshold``) replaced by the authors'."""
+        theirs = self.expected[image]
+        ours = instances.proposal_boxes.tensor
+        same = torch.cdist(theirs[:, :4], ours, p=float("inf")) < 1e-3
+        extra = (~same.any(0)).nonzero().flatten().tolist()
+        missing = (~same.any(1)).nonzero().flatten().tolist()
+        if not missing:
+            return instances
+        boxes, logits = ours.clone(), instances.objectness_logits.clone()
+        overlaps = box_iou(theirs[missing, :4], ours)
+        for row, position in enumerate(missing):
+            gaps = (logits - theirs[position, 4]).abs()
+            tied = [
+                i for i in extra if overlaps[row, i] > nms_threshold and gaps[i] <= self.TIE
+            ]
+            assert tied, f"image {image}: the authors' proposal {position} is not ours"
+            extra.remove(tied[0])
+            boxes[tied[0]], logits[tied[0]] = theirs[position, :4], theirs[position, 4]
+            self.largest_gap = max(self.largest_gap, float(gaps[tied[0]]))
+        self.nms_ties.append(len(missing))
+        replaced = Instances(instances.image_size)
+        replaced.proposal_boxes, replaced.objectness_logits = Boxes(boxes), logits
+        return replaced
 
 
 def our_loss_name(name: str, aux_kinds: List[str]) -> str:
