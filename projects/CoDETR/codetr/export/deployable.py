@@ -15,12 +15,12 @@ images and their sizes to padded detections:
 * the test output: top-k over (query x class) scores, boxes in input pixels, and the model's
   class-aware soft-NMS (:func:`~codetr.export.soft_nms_graph.soft_nms_padded`, a bounded loop).
 
-The model's own layers run here, with the level sizes kept as the shapes ``torch.jit.trace``
-records (0-dim tensors), so that its deformable attention samples with ``grid_sample`` (ONNX
-``GridSample``, opset >= 16) instead of its ``embedding_bag`` kernel (no ONNX operator). What is
-written out here is what reads sizes as Python ints in the model (constants of a trace): the
-flattening of the levels and their masks, the loops of the encoder, the two-stage selection and
-the decoder around the model's layers, the test output, and the Swin stages.
+The model's own encoder and decoder run here, with the level sizes kept as the shapes
+``torch.jit.trace`` records (0-dim tensors), so that its deformable attention samples with
+``grid_sample`` (ONNX ``GridSample``, opset >= 16) instead of its ``embedding_bag`` kernel (no
+ONNX operator). What is written out here is what reads sizes as Python ints in the model
+(constants of a trace) or runs only in training: the flattening of the levels and their masks,
+the two-stage query selection, the test output, and the Swin stages.
 """
 
 from typing import List, NamedTuple, Sequence, Tuple, Union
@@ -40,10 +40,10 @@ from detectron2.modeling.backbone.swin import (
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from codetr.layers import box_sine_embedding, inverse_sigmoid
+from codetr.layers import box_sine_embedding
 from codetr.layers.soft_nms import SPLIT_THRESHOLD
 from codetr.modeling import CoDETR, DeformableDETRHead, DINOHead
-from codetr.modeling.transformer.multi_level import _valid_ratio, encoder_reference_points
+from codetr.modeling.transformer.multi_level import _valid_ratio
 from codetr.modeling.transformer.two_stage import encoder_proposals
 
 from .soft_nms_graph import soft_nms_padded
@@ -70,6 +70,10 @@ class _Levels(NamedTuple):
     level_start_index: Tensor
     valid_ratios: Tensor
     level_shapes: List[Tuple[Size, Size]]
+
+    def check_layout(self) -> None:
+        """Nothing to check: the layout is made from the maps' shapes here, and the model's
+        check (``MultiLevelSequence.check_layout``) would read the traced sizes as ints."""
 
 
 def _as_tensor(size: Size, device: torch.device) -> Tensor:
@@ -179,19 +183,7 @@ class DeployableDetector(nn.Module):
             ],
             1,
         )
-        reference_points = encoder_reference_points(sequence.level_shapes, sequence.valid_ratios)
-        tokens = sequence.tokens
-        for layer in head.encoder.layers:
-            tokens = layer(
-                tokens,
-                pos,
-                reference_points,
-                sequence.spatial_shapes,
-                sequence.level_start_index,
-                sequence.padding_mask,
-                sequence.level_shapes,
-            )
-        return sequence._replace(tokens=tokens)
+        return sequence._replace(tokens=head.encoder(sequence, pos))
 
     def decode(self, memory: _Levels) -> Tuple[Tensor, Tensor]:
         """The head's two-stage selection and decoder: the last layer's (B, Q, K) logits and
@@ -218,31 +210,10 @@ class DeployableDetector(nn.Module):
     def _decode_queries(
         self, memory: _Levels, query: Tensor, reference_boxes: Tensor, query_pos
     ) -> Tuple[Tensor, Tensor]:
-        """``DeformableDecoder.forward`` (no attention mask), the last layer only returned."""
+        """The model's decoder; the last layer's logits and boxes."""
         head = self.model.query_head
-        decoder = head.decoder
-        valid_ratios = torch.cat([memory.valid_ratios, memory.valid_ratios], -1)[:, None]
-        reference = prediction_reference = reference_boxes
-        eps = decoder.inverse_sigmoid_eps
-        for layer, box_head in zip(decoder.layers, head.box_heads):
-            reference_points = reference[:, :, None] * valid_ratios
-            if decoder.ref_point_head is not None:
-                query_pos = decoder.ref_point_head(
-                    box_sine_embedding(
-                        reference_points[:, :, 0],
-                        num_pos_feats=decoder.embed_dim // 2,
-                        yx_first=True,
-                    )
-                )
-            query = layer(query, query_pos, reference_points, memory)
-            delta = box_head(query)
-            refined = (delta + inverse_sigmoid(reference, eps=eps)).sigmoid()
-            output = decoder.norm(query)
-            output_delta = delta if output is query else box_head(output)
-            boxes = (output_delta + inverse_sigmoid(prediction_reference, eps=eps)).sigmoid()
-            reference = prediction_reference = refined
-        logits = head.class_heads[decoder.num_layers - 1](output)
-        return logits, boxes
+        hidden, boxes = head.decoder(query, reference_boxes, memory, head.box_heads, query_pos)
+        return head.class_heads[head.decoder.num_layers - 1](hidden[-1]), boxes[-1]
 
     def detections(
         self, logits: Tensor, boxes: Tensor, image_sizes: Tensor
