@@ -146,15 +146,30 @@ def _training_step(model, amp: bool, seed: int = 0):
 
 # Classification losses of the Hungarian-matched queries: their logits sit near the focal prior
 # (-4.6), where a bfloat16 logit is rounded by up to 1/64 and the decoder's bfloat16 hidden
-# states add more; measured |AMP - fp32| <= 0.0089 (d0.loss_class, 0.055 vs 0.064).
+# states add more; measured |AMP - fp32| <= 0.0089 (d0.loss_class, 0.055 vs 0.064; AVX2) and
+# 0.0128 (loss_class; AVX-512 BF16).
 MATCHED_CLASS_LOSSES = ("loss_class", "d0.loss_class", "enc_loss_class")
 MATCHED_CLASS_ATOL = 0.03
+# Box losses of the Hungarian-matched queries: the bfloat16 class logits can change the
+# assignment (on a CPU with AVX-512 BF16 units: image 0 matched to other queries; AVX2: same),
+# then other queries' boxes enter; measured 1.0e-2 / 1.6e-2 relative (loss_bbox / loss_giou).
+MATCHED_BOX_LOSSES = (
+    "loss_bbox",
+    "loss_giou",
+    "d0.loss_bbox",
+    "d0.loss_giou",
+    "enc_loss_bbox",
+    "enc_loss_giou",
+)
+MATCHED_BOX_RTOL = 5e-2
 # Every other loss: measured relative difference <= 2.7e-3 (d0.loss_class_aux1); the box
 # losses of this freshly initialised model agree exactly (its box heads output zero).
 OTHER_LOSSES_RTOL, OTHER_LOSSES_ATOL = 1e-2, 1e-3
-# The sum of the losses: measured relative difference 8.5e-5.
+# The sum of the losses: measured relative difference 8.5e-5 (AVX2), 2.6e-4 (AVX-512 BF16).
 TOTAL_RTOL = 1e-3
 # Gradients: ||g_amp - g_fp32|| / ||g_fp32|| per part of the model, measured (about 3x margin).
+# (Beside them: AVX2. AVX-512 BF16, in order: 0.106, 0.078, 0.065, 0.031, 0.346, 0.013, 0.030,
+# 0.011, 0.051.)
 GRADIENT_TOLERANCES = {
     "backbone.": 0.3,  # measured 0.111
     "neck.": 0.3,  # 0.089
@@ -172,8 +187,9 @@ def test_cpu_amp_training_step_matches_float32():
     """
     The CPU autocast (bfloat16) training step of the tiny Co-DINO against the float32 one:
     same parameters, same inputs, same random draws. Tolerances are the differences measured
-    on this model (torch 2.14, AVX2 CPU kernels) with about 3x margin (bfloat16 keeps 8
-    significant bits: 4e-3 relative per rounding); the measured figures are beside them.
+    on this model (torch 2.14; CPU kernels for AVX2 and for AVX-512 with BF16 units) with about
+    3x margin (bfloat16 keeps 8 significant bits: 4e-3 relative per rounding); the measured
+    figures are beside them.
     """
     torch.manual_seed(0)
     model = instantiate(LazyConfig.load(TINY_CO_DINO_CONFIG).model).train()
@@ -184,6 +200,8 @@ def test_cpu_amp_training_step_matches_float32():
     for name, expected in fp32_losses.items():
         if name in MATCHED_CLASS_LOSSES:
             tolerance = dict(rtol=0.0, atol=MATCHED_CLASS_ATOL)
+        elif name in MATCHED_BOX_LOSSES:
+            tolerance = dict(rtol=MATCHED_BOX_RTOL, atol=0.0)
         else:
             tolerance = dict(rtol=OTHER_LOSSES_RTOL, atol=OTHER_LOSSES_ATOL)
         torch.testing.assert_close(amp_losses[name], expected, msg=name, **tolerance)
