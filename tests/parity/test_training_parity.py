@@ -128,8 +128,8 @@ class ReplayedProposalOrder:
     scores). Both rank by float32 probability; proposals whose probabilities tie, or differ by
     an ulp or two because the logits differ by ~1e-7, come in an order that is a coin toss, and
     the RoI sampler's draws pick by position. The same coin toss decides which of two tied
-    proposals that overlap by more than the NMS threshold survives the NMS (neighbouring anchors
-    of a featureless border predict the same score and the same shape, a stride apart); such a
+    proposals that overlap by more than the NMS threshold survives the NMS (seen: two boxes at
+    the image border, a stride apart, with the same score to 1e-7); such a
     proposal of ours is replaced by the authors' and counted in ``nms_ties``. Checked on the
     way: the same boxes (to 1e-3 pixels), and only positions and NMS survivors whose scores are
     within ``TIE`` of the authors' replayed.
