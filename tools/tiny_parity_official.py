@@ -445,7 +445,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.use_deterministic_algorithms(True)
     images_bgr = torch.load(
         os.path.join(args.parity_dir, "tiny_co_dino_5scale_r50_1x_coco_official_outputs.pt"),
-        weights_only=False,
+        weights_only=True,
     )["images_bgr"]
     os.makedirs(args.output_dir, exist_ok=True)
     for name in args.models:
