@@ -3,8 +3,8 @@
 Trains our tiny Co-DINO (all heads) for the steps of the authors' training curve and compares
 every step's total loss: the same converted weights, the same batch, plain SGD with the same
 learning rate, and each step's random draws and order (and NMS survivors) of tied RPN proposals
-replayed from the authors' run (``tests/parity/test_training_curve.py``, whose :class:`ReplayedCurve` this runs
-for all the steps). Prints step, the authors' total, ours and the relative difference; exits
+replayed from the authors' run (``tests/parity/test_training_curve.py``, whose
+:class:`ReplayedCurve` this runs for all the steps). Prints step, the authors' total, ours and the relative difference; exits
 with status 1 when a step differs by more than 1e-3 relative (or a draw of the authors' was not
 replayed, or proposals had to be reordered beyond ties).
 
@@ -75,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     nms_ties = {
         step: ours.proposal_order.nms_ties
         for step, ours in enumerate(curve.steps)
-        if ours.proposal_order.nms_ties
+        if any(ours.proposal_order.nms_ties)
     }
     print(f"RPN proposals an NMS tie kept otherwise (step: per image): {nms_ties or 'none'}")
     print(

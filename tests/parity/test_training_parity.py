@@ -139,6 +139,7 @@ class ReplayedProposalOrder:
 
     def __init__(self, expected: List[torch.Tensor]):
         self.expected = expected
+        # per call (image): proposals put in the authors' order, tied NMS survivors replaced
         self.moved: List[int] = []
         self.nms_ties: List[int] = []
         self.largest_gap = 0.0
@@ -190,6 +191,7 @@ class ReplayedProposalOrder:
         same = torch.cdist(theirs[:, :4], ours, p=float("inf")) < 1e-3
         extra = (~same.any(0)).nonzero().flatten().tolist()
         missing = (~same.any(1)).nonzero().flatten().tolist()
+        self.nms_ties.append(len(missing))
         if not missing:
             return instances
         boxes, logits = ours.clone(), instances.objectness_logits.clone()
@@ -203,7 +205,6 @@ class ReplayedProposalOrder:
             extra.remove(tied[0])
             boxes[tied[0]], logits[tied[0]] = theirs[position, :4], theirs[position, 4]
             self.largest_gap = max(self.largest_gap, float(gaps[tied[0]]))
-        self.nms_ties.append(len(missing))
         replaced = Instances(instances.image_size)
         replaced.proposal_boxes, replaced.objectness_logits = Boxes(boxes), logits
         return replaced
